@@ -1,0 +1,1 @@
+"""Experiments of the paper, as library code (used by the CLI and the benchmarks)."""
