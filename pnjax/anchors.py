@@ -96,7 +96,11 @@ class AnchorBank:
         Raises:
           ValueError: ``capacity`` is not a positive integer, or ``params`` has no array leaves.
         """
-        if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
+        if (
+            isinstance(capacity, bool)
+            or not isinstance(capacity, (int, np.integer))
+            or capacity < 1
+        ):
             raise ValueError(
                 f"capacity must be a positive int, got {capacity!r}; pass the number of anchors "
                 "to keep, e.g. capacity=iterations + 1."

@@ -101,7 +101,9 @@ def make_train_run(
         batch_size = _check_positive_int("batch_size", batch_size)
         leaves = jax.tree_util.tree_leaves(data)
         if not leaves:
-            raise ValueError("data has no arrays; pass a pytree of arrays with a leading example axis.")
+            raise ValueError(
+                "data has no arrays; pass a pytree of arrays with a leading example axis."
+            )
         sizes = {int(np.shape(x)[0]) for x in leaves}
         if len(sizes) != 1:
             raise ValueError(
@@ -115,8 +117,10 @@ def make_train_run(
         num_batches = num_examples // batch_size
     else:
         steps = _check_positive_int("steps", steps)
-        log_every = max(1, steps // 200) if log_every is None else _check_positive_int(
-            "log_every", log_every
+        log_every = (
+            max(1, steps // 200)
+            if log_every is None
+            else _check_positive_int("log_every", log_every)
         )
 
     def plain_loss(params: PyTree) -> jax.Array:
@@ -190,9 +194,7 @@ def _layer_schedule(
     L = len(names)
     if isinstance(layers, str) and layers == "random":
         if layer_draw not in ("once", "per_iteration"):
-            raise ValueError(
-                f"layer_draw must be 'once' or 'per_iteration', got {layer_draw!r}."
-            )
+            raise ValueError(f"layer_draw must be 'once' or 'per_iteration', got {layer_draw!r}.")
         if key is None:
             raise ValueError(
                 "layers='random' draws the layer from `key`; pass key=jax.random.key(seed)."
@@ -333,21 +335,25 @@ def persistent_fit(
         score, loss = float(metrics["score"]), float(metrics["loss"])
         bad = not (math.isfinite(loss) and math.isfinite(score))
         if not bad:
-            bad = not all(
-                bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(params)
-            )
+            bad = not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(params))
         for k in rows:
             rows[k].append(np.asarray(metrics[k]))
         diverged.append(bad)
         do_push = (not bad or push_diverged) and int(bank.count) < bank.capacity
         if do_push:
-            anchor = params if anchor_fn is None else anchor_fn(params, jax.random.fold_in(base_key, 1000 + n))
+            anchor = (
+                params
+                if anchor_fn is None
+                else anchor_fn(params, jax.random.fold_in(base_key, 1000 + n))
+            )
             bank = bank.push(anchor)
         pushed.append(do_push)
         if not bad and score < champ_score:
             champion, champ_it, champ_score = params, n, score
         if callback is not None:
-            callback(n, {"score": score, "loss": loss, "diverged": bad, "champion_iteration": champ_it})
+            callback(
+                n, {"score": score, "loss": loss, "diverged": bad, "champion_iteration": champ_it}
+            )
 
     history = {
         "score": np.asarray(rows["score"], np.float32),

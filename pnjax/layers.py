@@ -37,9 +37,14 @@ def _key_name(key: Any) -> str:
 
 def _leaf_path(path: tuple[Any, ...]) -> tuple[str, ...]:
     """Path of a leaf as strings, without the trailing ``.value`` of variable wrappers."""
-    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name in (
-        "value",
-        "raw_value",
+    if (
+        path
+        and isinstance(path[-1], jax.tree_util.GetAttrKey)
+        and path[-1].name
+        in (
+            "value",
+            "raw_value",
+        )
     ):
         path = path[:-1]
     return tuple(_key_name(k) for k in path)

@@ -55,7 +55,9 @@ def trajectory(
     return np.concatenate([np.asarray(w0)[None], path])
 
 
-def run_toy2d(lam: float = 0.1, iterations: int = 1, steps: int = 50_000, lr: float = 1e-3) -> tuple[FitResult, dict[str, Any]]:
+def run_toy2d(
+    lam: float = 0.1, iterations: int = 1, steps: int = 50_000, lr: float = 1e-3
+) -> tuple[FitResult, dict[str, Any]]:
     """Runs Algorithm 1 on Eq. 1; returns the fit and a JSON-ready summary with trajectories."""
     res = persistent_fit(
         TOY_START, toy_loss, optax.sgd(lr), iterations=iterations, lam=lam, steps=steps

@@ -26,7 +26,9 @@ class KinkMLP(nn.Module):
         """Maps ``x`` of shape ``[batch, in]`` to ``[batch, features[-1]]``."""
         he = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
         for i, width in enumerate(self.features):
-            x = nn.Dense(width, kernel_init=he, bias_init=nn.initializers.zeros, name=f"Dense_{i}")(x)
+            x = nn.Dense(width, kernel_init=he, bias_init=nn.initializers.zeros, name=f"Dense_{i}")(
+                x
+            )
             if i < len(self.features) - 1:
                 x = jnp.maximum(x, 0.0)
         return x
