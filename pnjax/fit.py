@@ -272,7 +272,8 @@ def persistent_fit(
       push_diverged: also push runs whose loss is not finite (default: they are skipped).
       anchor_fn: ``anchor_fn(params, key) -> params`` transforms what is pushed (used by the
         random-direction control); default pushes the converged params.
-      callback: called after each run with ``(iteration, info)`` (for progress display).
+      callback: called after each run with ``(iteration, info)``; ``info`` holds ``score``,
+        ``loss``, ``diverged``, ``champion_iteration`` and the run's final ``params``.
       jit: the function that compiles the run (default ``jax.jit``).
 
     Returns:
@@ -351,9 +352,8 @@ def persistent_fit(
         if not bad and score < champ_score:
             champion, champ_it, champ_score = params, n, score
         if callback is not None:
-            callback(
-                n, {"score": score, "loss": loss, "diverged": bad, "champion_iteration": champ_it}
-            )
+            info = {"score": score, "loss": loss, "diverged": bad, "champion_iteration": champ_it}
+            callback(n, info | {"params": params})
 
     history = {
         "score": np.asarray(rows["score"], np.float32),
