@@ -104,7 +104,7 @@ def persistent_penalty(
       >>> import jax.numpy as jnp, pnjax
       >>> theta0 = {'w': jnp.array([2.0, -2.0])}
       >>> bank = pnjax.AnchorBank.create(theta0, capacity=2).push(theta0)
-      >>> float(pnjax.persistent_penalty({'w': jnp.array([1.0, 0.0])}, bank, 0.1))
+      >>> round(float(pnjax.persistent_penalty({'w': jnp.array([1.0, 0.0])}, bank, 0.1)), 6)
       0.025
 
     Args:
