@@ -5,6 +5,8 @@ that repels the parameters from every earlier solution, and keep the best model.
 """
 
 from pnjax.anchors import AnchorBank, layer_sq_norms
+from pnjax.baselines import random_restarts
+from pnjax.chains import ChainsResult, run_chains
 from pnjax.fit import FitResult, make_train_run, persistent_fit
 from pnjax.layers import layer_layout, layer_mask, layer_names
 from pnjax.penalty import (
@@ -19,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnchorBank",
+    "ChainsResult",
     "FitResult",
     "PersistentBiasState",
     "add_persistent_penalty",
@@ -32,4 +35,6 @@ __all__ = [
     "persistent_fit",
     "persistent_gradient",
     "persistent_penalty",
+    "random_restarts",
+    "run_chains",
 ]
