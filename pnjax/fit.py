@@ -12,9 +12,13 @@ so all iterations, the plain run included, share one compilation.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -28,6 +32,56 @@ from pnjax.penalty import _gradient_unchecked, check_lam, persistent_penalty
 
 PyTree = Any
 LayerChoice = None | str | Sequence[str] | jax.Array
+
+
+_SCOPE: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+    "pnjax_checkpoint_scope", default=None
+)
+
+
+@contextlib.contextmanager
+def checkpoint_scope(directory: str | os.PathLike[str]) -> Iterator[Path]:
+    """Checkpoints every :func:`persistent_fit` call inside the block, in call order.
+
+    The k-th call (counting from 0) that passes no ``checkpoint_dir`` uses
+    ``directory / f"fit-{k:03d}"``, so a deterministic driver that calls ``persistent_fit``
+    several times (e.g. :func:`pnjax.experiments.kink.run_kink`) resumes every call when run
+    again in the same scope; calls already complete return at once from their checkpoint.
+
+    Args:
+      directory: the parent folder.
+
+    Yields:
+      The folder as a ``Path``.
+    """
+    path = Path(directory)
+    token = _SCOPE.set([path, 0])
+    try:
+        yield path
+    finally:
+        _SCOPE.reset(token)
+
+
+def _next_scoped_dir() -> Path | None:
+    scope = _SCOPE.get()
+    if scope is None:
+        return None
+    path = scope[0] / f"fit-{scope[1]:03d}"
+    scope[1] += 1
+    return path
+
+
+def _default_jit() -> Callable[..., Any]:
+    return jax.jit
+
+
+def _champion_upto(scores: list[Any], diverged: list[bool], n: int) -> int:
+    best, best_i = math.inf, -1
+    for i in range(n + 1):
+        s = float(scores[i])
+        if not diverged[i] and s < best:
+            best, best_i = s, i
+    return best_i
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +98,8 @@ class FitResult:
         each run (every ``log_every`` steps, or per epoch in the mini-batch form).
       bank: the anchors pushed (the converged params of each non-diverged iteration).
       layer_names: the names the ``layer`` indices refer to.
+      resumed_from: how many iterations were restored from a checkpoint instead of run
+        (0: nothing was restored).
     """
 
     champion: PyTree
@@ -51,6 +107,44 @@ class FitResult:
     history: dict[str, np.ndarray]
     bank: AnchorBank
     layer_names: tuple[str, ...] = ()
+    resumed_from: int = 0
+
+    @property
+    def diverged_iterations(self) -> tuple[int, ...]:
+        """Indices of the iterations whose loss, score or params were not finite."""
+        return tuple(int(i) for i in np.flatnonzero(self.history["diverged"]))
+
+    @property
+    def summary(self) -> str:
+        """One line saying what happened: champion, divergences, resumption."""
+        runs = len(self.history["score"])
+        text = f"{runs} run(s) (plain + {runs - 1} persistent): "
+        if self.champion_iteration >= 0:
+            score = float(self.history["score"][self.champion_iteration])
+            text += f"champion iteration {self.champion_iteration} (score {score:.6g})"
+        else:
+            text += "no champion: every iteration diverged (champion = init params)"
+        bad = self.diverged_iterations
+        if bad:
+            pushed = [i for i in bad if self.history["pushed"][i]]
+            text += f"; {len(bad)} diverged (iteration(s) {', '.join(map(str, bad))}), never " + (
+                "champion, pushed anyway" if pushed else "champion, not pushed"
+            )
+        else:
+            text += "; none diverged"
+        if self.resumed_from:
+            text += f"; resumed from a checkpoint after {self.resumed_from} iteration(s)"
+        return text
+
+
+@dataclasses.dataclass(frozen=True)
+class _RunParts:
+    """A mini-batch run split into pieces (``run = start, epochs_chunk..., finish``)."""
+
+    start: Callable[[PyTree], Any]
+    epochs_chunk: Callable[..., Any]
+    finish: Callable[..., dict[str, jax.Array]]
+    epochs: int
 
 
 def _check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
@@ -146,6 +240,32 @@ def make_train_run(
         params = optax.apply_updates(params, updates)
         return (params, opt_state), loss
 
+    def finish(params, bank, lam, mask, curve):
+        loss = plain_loss(params)
+        score = loss if score_fn is None else score_fn(params)
+        pen = persistent_penalty(params, bank, lam, mask)
+        return {
+            "loss": jnp.asarray(loss, jnp.float32),
+            "score": jnp.asarray(score, jnp.float32),
+            "penalty": jnp.asarray(pen, jnp.float32),
+            "curve": jnp.asarray(curve, jnp.float32),
+        }
+
+    def epoch(c, ekey, bank, lam, mask):
+        perm = jax.random.permutation(ekey, num_examples)
+
+        def inner(c2, b):
+            idx = jax.lax.dynamic_slice_in_dim(perm, b * batch_size, batch_size)
+            batch = jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), data)
+            return update(c2, batch, bank, lam, mask)
+
+        c, losses = jax.lax.scan(inner, c, jnp.arange(num_batches))
+        return c, jnp.mean(losses)
+
+    def epochs_chunk(carry, bank, lam, mask, epoch_keys):
+        """Runs the epochs whose keys are given; ``carry = (params, opt_state)``."""
+        return jax.lax.scan(lambda c, k: epoch(c, k, bank, lam, mask), carry, epoch_keys)
+
     def run(params0, bank, lam, mask, key):
         opt_state = optimizer.init(params0)
         carry = (params0, opt_state)
@@ -155,31 +275,18 @@ def make_train_run(
             )
             curve = losses[::log_every]
         else:
-
-            def epoch(c, ekey):
-                perm = jax.random.permutation(ekey, num_examples)
-
-                def inner(c2, b):
-                    idx = jax.lax.dynamic_slice_in_dim(perm, b * batch_size, batch_size)
-                    batch = jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), data)
-                    return update(c2, batch, bank, lam, mask)
-
-                c, losses = jax.lax.scan(inner, c, jnp.arange(num_batches))
-                return c, jnp.mean(losses)
-
-            carry, curve = jax.lax.scan(epoch, carry, jax.random.split(key, epochs))
+            carry, curve = epochs_chunk(carry, bank, lam, mask, jax.random.split(key, epochs))
         params = carry[0]
-        loss = plain_loss(params)
-        score = loss if score_fn is None else score_fn(params)
-        pen = persistent_penalty(params, bank, lam, mask)
-        metrics = {
-            "loss": jnp.asarray(loss, jnp.float32),
-            "score": jnp.asarray(score, jnp.float32),
-            "penalty": jnp.asarray(pen, jnp.float32),
-            "curve": jnp.asarray(curve, jnp.float32),
-        }
-        return params, metrics
+        return params, finish(params, bank, lam, mask, curve)
 
+    if minibatch:
+        # Pieces of the same computation, for runs checkpointed between chunks of epochs.
+        run.parts = _RunParts(  # type: ignore[attr-defined]
+            start=lambda params0: (params0, optimizer.init(params0)),
+            epochs_chunk=epochs_chunk,
+            finish=finish,
+            epochs=epochs,
+        )
     return run
 
 
@@ -234,6 +341,9 @@ def persistent_fit(
     anchor_fn: Callable[[PyTree, jax.Array], PyTree] | None = None,
     callback: Callable[[int, dict[str, Any]], None] | None = None,
     jit: Callable[..., Any] | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    checkpoint_every_epochs: int | None = None,
+    checkpoint_keep: int = 2,
 ) -> FitResult:
     """Persistent training (Algorithm 1): a plain run, then ``iterations`` persistent runs.
 
@@ -273,14 +383,27 @@ def persistent_fit(
       anchor_fn: ``anchor_fn(params, key) -> params`` transforms what is pushed (used by the
         random-direction control); default pushes the converged params.
       callback: called after each run with ``(iteration, info)``; ``info`` holds ``score``,
-        ``loss``, ``diverged``, ``champion_iteration`` and the run's final ``params``.
+        ``loss``, ``diverged``, ``champion_iteration`` and the run's final ``params``. On
+        resume it is replayed for the restored iterations with ``info['resumed'] = True``
+        (the checkpoint then also keeps every iteration's final params).
       jit: the function that compiles the run (default ``jax.jit``).
+      checkpoint_dir: a folder to checkpoint into after every iteration (bank, history,
+        championship, RNG state; see ``docs/long_runs.md``). If it already holds a checkpoint
+        of the same configuration the run resumes from it; one of a different configuration
+        raises ``ValueError``. Default: none, or a subfolder of the enclosing
+        :func:`checkpoint_scope`.
+      checkpoint_every_epochs: mini-batch form only: also checkpoint params and optimizer
+        state every this many epochs inside an iteration (the run is then compiled as chunks
+        of epochs instead of one program).
+      checkpoint_keep: how many checkpoints to keep (default 2, so a corrupt newest one falls
+        back to the previous).
 
     Returns:
       A :class:`FitResult`.
 
     Raises:
-      ValueError: bad ``iterations``, ``steps``, ``lam``, ``layers``, ``capacity`` or data.
+      ValueError: bad ``iterations``, ``steps``, ``lam``, ``layers``, ``capacity`` or data, or
+        a ``checkpoint_dir`` holding a run of a different configuration.
 
     References:
       Min, *Persistent Neurons*, arXiv:2007.01419, Algorithm 1.
@@ -311,6 +434,24 @@ def persistent_fit(
     if data is not None and key is None:
         key = jax.random.key(0)
     base_key = jax.random.key(0) if key is None else key
+    if checkpoint_dir is None:
+        checkpoint_dir = _next_scoped_dir()
+    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise TypeError(
+            f"checkpoint_dir must be a folder path (str or os.PathLike), got "
+            f"{type(checkpoint_dir).__name__}."
+        )
+    every = None
+    if checkpoint_every_epochs is not None:
+        every = _check_positive_int("checkpoint_every_epochs", checkpoint_every_epochs)
+        if data is None:
+            raise ValueError(
+                "checkpoint_every_epochs needs the mini-batch form (data=..., epochs=...); "
+                "full-batch runs are checkpointed after every iteration."
+            )
+        if checkpoint_dir is None:
+            raise ValueError("checkpoint_every_epochs needs checkpoint_dir=... to save into.")
+    keep = _check_positive_int("checkpoint_keep", checkpoint_keep)
 
     run = make_train_run(
         loss_fn,
@@ -322,16 +463,165 @@ def persistent_fit(
         epochs=epochs,
         log_every=log_every,
     )
-    compiled = (jit or jax.jit)(run)
+    jit = jit or _default_jit()
+    compiled = jit(run)
+    chunked = every is not None and every < int(epochs or 0)
+    if chunked:
+        parts: _RunParts = run.parts  # type: ignore[attr-defined]
+        c_start, c_chunk, c_finish = jit(parts.start), jit(parts.epochs_chunk), jit(parts.finish)
+        chunks = -(-parts.epochs // every)
+    else:
+        chunks = 1
     lam_arr = jnp.asarray(lam, jnp.float32)
 
     rows: dict[str, list[Any]] = {k: [] for k in ("score", "loss", "penalty", "curve")}
     diverged: list[bool] = []
     pushed: list[bool] = []
+    finals: list[PyTree] = []
+    keep_finals = callback is not None
     champion, champ_it, champ_score = init_params, -1, math.inf
-    for n in range(iterations + 1):
+    start_n, resumed_from = 0, 0
+    partial: tuple[Any, list[np.ndarray], int] | None = None
+
+    def history_arrays() -> dict[str, np.ndarray]:
+        return {
+            "score": np.asarray(rows["score"], np.float32),
+            "loss": np.asarray(rows["loss"], np.float32),
+            "penalty": np.asarray(rows["penalty"], np.float32),
+            "curve": np.stack(rows["curve"]) if rows["curve"] else np.zeros((0,), np.float32),
+            "diverged": np.asarray(diverged, bool),
+            "pushed": np.asarray(pushed, bool),
+        }
+
+    if checkpoint_dir is not None:
+        from pnjax import checkpoint as ckpt
+
+        fingerprint = ckpt.config_fingerprint(
+            {
+                "iterations": iterations,
+                "lam": float(lam),
+                "steps": steps,
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "log_every": log_every,
+                "layers": layers if not isinstance(layers, (jax.Array, np.ndarray)) else None,
+                "layer_draw": layer_draw,
+                "capacity": capacity,
+                "shuffle": shuffle,
+                "push_diverged": push_diverged,
+                "anchor_fn": anchor_fn is not None,
+                "checkpoint_every_epochs": every,
+            },
+            init_params=init_params,
+            key=base_key,
+            data=data,
+            layer_mask=np.asarray(masks),
+        )
+        fingerprint["optimizer_state"] = ckpt.tree_fingerprint(
+            jax.eval_shape(optimizer.init, init_params), values=False
+        )
+
+        def template(meta: dict[str, Any]) -> PyTree:
+            ckpt.check_fingerprint(meta.get("fingerprint"), fingerprint, checkpoint_dir)
+            empty = np.zeros((0,), np.float32)
+            t: dict[str, Any] = {
+                "bank": bank,
+                "champion": init_params,
+                "history": dict.fromkeys(
+                    ("score", "loss", "penalty", "curve", "diverged", "pushed"), empty
+                ),
+                "rng": base_key,
+            }
+            if meta.get("has_finals"):
+                t["finals"] = jax.tree_util.tree_map(np.asarray, init_params)
+            if meta.get("partial_epochs"):
+                t["partial"] = {"carry": parts.start(init_params), "curve": empty}
+            return t
+
+        found = ckpt.restore_checkpoint(checkpoint_dir, like=template)
+        if found is not None:
+            st, meta = found.state, found.metadata
+            bank = st["bank"]
+            h = st["history"]
+            for k in rows:
+                rows[k] = list(h[k])
+            diverged = [bool(x) for x in h["diverged"]]
+            pushed = [bool(x) for x in h["pushed"]]
+            champ_it = int(meta["champion_iteration"])
+            champ_score = float(meta["champion_score"])
+            champion = st["champion"] if champ_it >= 0 else init_params
+            start_n = resumed_from = int(meta["done"])
+            if "finals" in st:
+                finals = [
+                    jax.tree_util.tree_map(lambda a, i=i: a[i], st["finals"])
+                    for i in range(start_n)
+                ]
+            if "partial" in st:
+                p = st["partial"]
+                partial = (p["carry"], [np.asarray(p["curve"])], int(meta["partial_epochs"]))
+            if callback is not None:
+                for n in range(start_n):
+                    info = {
+                        "score": float(rows["score"][n]),
+                        "loss": float(rows["loss"][n]),
+                        "diverged": diverged[n],
+                        "champion_iteration": _champion_upto(rows["score"], diverged, n),
+                        "resumed": True,
+                    }
+                    callback(n, info | {"params": finals[n] if finals else None})
+
+    def save(done: int, carry: Any = None, curve: np.ndarray | None = None, ep: int = 0) -> None:
+        if checkpoint_dir is None:
+            return
+        state: dict[str, Any] = {
+            "bank": bank,
+            "champion": champion,
+            "history": history_arrays(),
+            "rng": base_key,
+        }
+        if keep_finals:
+            state["finals"] = (
+                jax.tree_util.tree_map(lambda *xs: np.stack(xs), *finals)
+                if finals
+                else jax.tree_util.tree_map(
+                    lambda x: np.zeros((0, *np.shape(x)), np.asarray(x).dtype), init_params
+                )
+            )
+        if carry is not None:
+            state["partial"] = {"carry": carry, "curve": curve}
+        meta = {
+            "fingerprint": fingerprint,
+            "done": done,
+            "partial_epochs": ep,
+            "champion_iteration": champ_it,
+            "champion_score": champ_score,
+            "has_finals": keep_finals,
+        }
+        step = done * chunks + (-(-ep // every) if ep else 0)
+        ckpt.save_checkpoint(checkpoint_dir, step, state, meta, keep=keep)
+
+    for n in range(start_n, iterations + 1):
         data_key = base_key if shuffle == "same" else jax.random.fold_in(base_key, n)
-        params, metrics = compiled(init_params, bank, lam_arr, jnp.asarray(masks[n]), data_key)
+        mask_n = jnp.asarray(masks[n])
+        if not chunked:
+            params, metrics = compiled(init_params, bank, lam_arr, mask_n, data_key)
+        else:
+            epoch_keys = jax.random.split(data_key, parts.epochs)
+            if partial is not None:
+                carry, curve_parts, e0 = partial
+                partial = None
+            else:
+                carry, curve_parts, e0 = c_start(init_params), [], 0
+            while e0 < parts.epochs:
+                e1 = min(e0 + every, parts.epochs)
+                carry, piece = c_chunk(carry, bank, lam_arr, mask_n, epoch_keys[e0:e1])
+                curve_parts.append(np.asarray(piece))
+                e0 = e1
+                if e0 < parts.epochs:
+                    save(n, carry, np.concatenate(curve_parts), e0)
+            params = carry[0]
+            curve = jnp.asarray(np.concatenate(curve_parts))
+            metrics = c_finish(params, bank, lam_arr, mask_n, curve)
         metrics = jax.device_get(metrics)
         score, loss = float(metrics["score"]), float(metrics["loss"])
         bad = not (math.isfinite(loss) and math.isfinite(score))
@@ -351,23 +641,20 @@ def persistent_fit(
         pushed.append(do_push)
         if not bad and score < champ_score:
             champion, champ_it, champ_score = params, n, score
+        if keep_finals:
+            finals.append(jax.device_get(params))
+        save(n + 1)
         if callback is not None:
             info = {"score": score, "loss": loss, "diverged": bad, "champion_iteration": champ_it}
             callback(n, info | {"params": params})
 
-    history = {
-        "score": np.asarray(rows["score"], np.float32),
-        "loss": np.asarray(rows["loss"], np.float32),
-        "penalty": np.asarray(rows["penalty"], np.float32),
-        "curve": np.stack(rows["curve"]),
-        "layer": layer_idx,
-        "diverged": np.asarray(diverged),
-        "pushed": np.asarray(pushed),
-    }
+    history = history_arrays()
+    history["layer"] = layer_idx
     return FitResult(
         champion=champion,
         champion_iteration=champ_it,
         history=history,
         bank=bank,
         layer_names=names,
+        resumed_from=resumed_from,
     )
