@@ -124,6 +124,7 @@ def run_kink(
     scale_factors: Sequence[float] = (0.5, 0.25, 0.1),
     data_kwargs: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
+    reinit_chunk: int = 25,
     jit=None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Runs the whole protocol; returns ``(summary, arrays)``: JSON-ready figures and raw arrays."""
@@ -132,7 +133,19 @@ def run_kink(
     prob = kink_problem(**data_kwargs)
     t0 = time.perf_counter()
     say(f"re-init: training {num_reinit} seeds x {steps} steps (one vmap)")
-    rein = train_reinit(prob, range(num_reinit), steps=steps, lr=lr, jit=jit)
+    chunks = []
+    for lo in range(0, num_reinit, reinit_chunk):
+        seeds = range(lo, min(num_reinit, lo + reinit_chunk))
+        chunks.append(train_reinit(prob, seeds, steps=steps, lr=lr, jit=jit))
+        say(f"  re-init seeds {seeds.start}-{seeds.stop - 1} done")
+    rein = {
+        k: (
+            jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *[c[k] for c in chunks])
+            if k == "params"
+            else np.concatenate([c[k] for c in chunks])
+        )
+        for k in chunks[0]
+    }
     stuck_seeds = [int(s) for s in rein["seeds"][rein["stuck"]][:num_stuck]]
     say(
         f"re-init done in {time.perf_counter() - t0:.0f}s: {int(rein['stuck'].sum())}/{num_reinit} "
@@ -168,6 +181,14 @@ def run_kink(
     stuck_flags: dict[int, list[bool]] = {}
     arrays: dict[str, Any] = {"x": x_np, "y": y_np, "reinit": rein, "persistent": {}}
 
+    def on_iteration(n: int, info: dict[str, Any], flags: list[bool]) -> None:
+        flags.append(bool(prob["stuck"](info["params"])))
+        if n % 10 == 9 or n == iterations:
+            say(
+                f"    iteration {n + 1}/{iterations + 1}: loss {info['loss']:.4f}, "
+                f"champion so far: iteration {info['champion_iteration']}"
+            )
+
     def fit(seed: int, anchor_fn=None) -> FitResult:
         flags: list[bool] = []
         res = persistent_fit(
@@ -179,7 +200,7 @@ def run_kink(
             steps=steps,
             anchor_fn=anchor_fn,
             key=jax.random.key(seed),
-            callback=lambda n, info: flags.append(bool(prob["stuck"](info["params"]))),
+            callback=lambda n, info: on_iteration(n, info, flags),
             jit=jit,
         )
         stuck_flags[id(res)] = flags
