@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,13 @@ def run_gap(
     print(f"[{tag}] {args.seeds} seeds x {args.steps} steps ...", flush=True)
     t0 = time.perf_counter()
     final, hist, loss = train_all(
-        model, params, x, y, steps=args.steps, record_every=args.record_every, lr=args.lr,
+        model,
+        params,
+        x,
+        y,
+        steps=args.steps,
+        record_every=args.record_every,
+        lr=args.lr,
         momentum=args.momentum,
     )
     loss = np.asarray(jax.block_until_ready(loss))
@@ -163,8 +170,15 @@ def run_gap(
         f"(seed {summary['best_seed']})",
         flush=True,
     )
-    arrays = {"x": x, "y": y, "grid": grid[:, 0], "pred": pred, "hist": hist, "loss": loss,
-              "stuck": stuck}
+    arrays = {
+        "x": x,
+        "y": y,
+        "grid": grid[:, 0],
+        "pred": pred,
+        "hist": hist,
+        "loss": loss,
+        "stuck": stuck,
+    }
     return {"summary": summary, "arrays": arrays}
 
 
@@ -202,11 +216,20 @@ def plot(results: list[dict[str, Any]], path: Path, num_examples: int = 3) -> No
     bins = np.logspace(np.log10(lo * 0.8), np.log10(hi * 1.25), 40)
     for r in results:
         s = r["summary"]
-        ax.hist(r["arrays"]["loss"], bins=bins, alpha=0.5,
-                label=f"{_label(s)}: stuck {100 * s['stuck_fraction']:.0f}%")
+        ax.hist(
+            r["arrays"]["loss"],
+            bins=bins,
+            alpha=0.5,
+            label=f"{_label(s)}: stuck {100 * s['stuck_fraction']:.0f}%",
+        )
     s0 = results[0]["summary"]
-    ax.axvline(s0["two_piece_affine_loss"], ls="--", lw=1, color="k",
-               label="two-affine-piece fit, main run")
+    ax.axvline(
+        s0["two_piece_affine_loss"],
+        ls="--",
+        lw=1,
+        color="k",
+        label="two-affine-piece fit, main run",
+    )
     ax.set_xscale("log")
     ax.set_xlabel("final training MSE")
     ax.set_ylabel("seeds")
@@ -222,25 +245,34 @@ def plot(results: list[dict[str, Any]], path: Path, num_examples: int = 3) -> No
         ax.set_xlabel("step")
         ax.set_ylabel("training MSE")
         ax.set_title(f"{_label(s)}: loss histories (red: stuck)", fontsize=9)
-    for ax in axes[0, 1 + len(results):]:
+    for ax in axes[0, 1 + len(results) :]:
         ax.axis("off")
 
     for ax, r in zip(axes[1], results, strict=False):
         a, s = r["arrays"], r["summary"]
         ax.scatter(a["x"][:, 0], a["y"][:, 0], s=12, color="k", zorder=3, label="data")
         for i in np.flatnonzero(a["stuck"])[:num_examples]:
-            ax.plot(a["grid"], a["pred"][i], color="tab:red", alpha=0.7,
-                    label=f"seed {i} (stuck) {a['loss'][i]:.3f}")
+            ax.plot(
+                a["grid"],
+                a["pred"][i],
+                color="tab:red",
+                alpha=0.7,
+                label=f"seed {i} (stuck) {a['loss'][i]:.3f}",
+            )
         best = int(np.nanargmin(a["loss"]))
-        ax.plot(a["grid"], a["pred"][best], color="tab:green",
-                label=f"seed {best} (best) {a['loss'][best]:.3f}")
+        ax.plot(
+            a["grid"],
+            a["pred"][best],
+            color="tab:green",
+            label=f"seed {best} (best) {a['loss'][best]:.3f}",
+        )
         if s["gap"] > 0:
             ax.axvspan(-s["gap"], s["gap"], color="0.9", zorder=0)
         ax.set_xlabel("x")
         ax.set_ylabel("y")
         ax.set_title(f"{_label(s)}: predictors (final MSE)", fontsize=9)
         ax.legend(fontsize=7)
-    for ax in axes[1, len(results):]:
+    for ax in axes[1, len(results) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -253,17 +285,30 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=100)
     ap.add_argument("--steps", type=int, default=50_000)
     ap.add_argument("--record-every", type=int, default=500)
-    ap.add_argument("--gaps", type=float, nargs="+", default=[1.0, 0.0],
-                    help="first one is the main run; 0.0 is the no-gap control")
+    ap.add_argument(
+        "--gaps",
+        type=float,
+        nargs="+",
+        default=[1.0, 0.0],
+        help="first one is the main run; 0.0 is the no-gap control",
+    )
     ap.add_argument("--num-points", type=int, default=60)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--grid", type=int, default=601, help="grid points for the affine check")
     ap.add_argument("--atol", type=float, default=0.05, help="is_stuck tolerance (units of y)")
-    ap.add_argument("--rtol", type=float, default=0.01,
-                    help="stuck by loss: |loss - two_piece| <= rtol * two_piece")
-    ap.add_argument("--no-filled-control", dest="filled_control", action="store_false",
-                    help="skip the control with the main run's curve and the gap filled in")
+    ap.add_argument(
+        "--rtol",
+        type=float,
+        default=0.01,
+        help="stuck by loss: |loss - two_piece| <= rtol * two_piece",
+    )
+    ap.add_argument(
+        "--no-filled-control",
+        dest="filled_control",
+        action="store_false",
+        help="skip the control with the main run's curve and the gap filled in",
+    )
     ap.add_argument("--quick", action="store_true", help="20 seeds x 5,000 steps")
     ap.add_argument("--out", type=Path, default=RESULTS / "kink_stuck_rate.json")
     args = ap.parse_args()
@@ -294,9 +339,7 @@ def main() -> None:
     derivation_ok = check_seed_derivation(suggested, x_main) if suggested else None
 
     out = {
-        "command": "python benchmarks/kink_stuck_rate.py"
-        + (" --quick" if args.quick else "")
-        + ("" if args.gaps == [1.0, 0.0] else " --gaps " + " ".join(map(str, args.gaps))),
+        "command": " ".join(["python", "benchmarks/kink_stuck_rate.py", *sys.argv[1:]]),
         "setup": {
             "model": "KinkMLP features=(32, 32, 1), He-normal weights, zero biases",
             "init": "params_s = KinkMLP().init(jax.random.key(s), x), s = 0..seeds-1",
