@@ -421,6 +421,69 @@ def run_chains(
     References:
       Min, *Persistent Neurons*, arXiv:2007.01419, Algorithm 1.
     """
+    compiled, args, finish = prepare_chains(
+        init_params,
+        loss_fn,
+        optimizer,
+        iterations=iterations,
+        lam=lam,
+        steps=steps,
+        layers=layers,
+        score_fn=score_fn,
+        key=key,
+        mode=mode,
+        mesh=mesh,
+        chain_axes=chain_axes,
+        layer_draw=layer_draw,
+        capacity=capacity,
+        data=data,
+        batch_size=batch_size,
+        epochs=epochs,
+        shuffle=shuffle,
+        log_every=log_every,
+        push_diverged=push_diverged,
+        jit=jit,
+    )
+    return finish(compiled(*args))
+
+
+def prepare_chains(
+    init_params: PyTree,
+    loss_fn: Callable[..., jax.Array],
+    optimizer: optax.GradientTransformation,
+    *,
+    iterations: int,
+    lam: float | Sequence[float] | jax.Array,
+    steps: int | None = None,
+    layers: Any = None,
+    score_fn: Callable[[PyTree], jax.Array] | None = None,
+    key: jax.Array | None = None,
+    mode: str = "independent",
+    mesh: jax.sharding.Mesh | None = None,
+    chain_axes: str | Sequence[str] | None = None,
+    layer_draw: str = "once",
+    capacity: int | None = None,
+    data: PyTree | None = None,
+    batch_size: int | None = None,
+    epochs: int | None = None,
+    shuffle: str = "same",
+    log_every: int | None = None,
+    push_diverged: bool = False,
+    jit: Callable[..., Any] | None = None,
+) -> tuple[Callable[..., Any], tuple[Any, ...], Callable[[Any], ChainsResult]]:
+    """:func:`run_chains` split in two: the jitted program, its arguments, and the unpacker.
+
+    ``compiled, args, finish = prepare_chains(...)`` then ``finish(compiled(*args))`` is
+    ``run_chains(...)``. Calling ``compiled(*args)`` again reuses the compilation, which is what
+    a benchmark or an ahead-of-time compile (``compiled.lower(*args).compile()``) needs.
+
+    Args:
+      As :func:`run_chains`.
+
+    Returns:
+      ``(compiled, args, finish)``: the jitted program, its (sharded, padded) arguments, and
+      ``finish(outputs) -> ChainsResult``.
+    """
     if mode not in MODES:
         raise ValueError(
             f"unknown mode {mode!r}; use mode='independent' (one bank per chain, Algorithm 1 "
@@ -508,7 +571,24 @@ def run_chains(
         push_diverged=push_diverged,
         constrain=constrain,
     )
-    champ, champ_it, hist, bank = (jit or _compile.jit)(program)(*args)
+    compiled = (jit or _compile.jit)(program)
+
+    def finish(outputs: tuple[Any, ...]) -> ChainsResult:
+        return _finish(outputs, c=c, padded=padded, idx=idx, names=names, mode=mode)
+
+    return compiled, args, finish
+
+
+def _finish(
+    outputs: tuple[Any, ...],
+    *,
+    c: int,
+    padded: int,
+    idx: np.ndarray,
+    names: tuple[str, ...],
+    mode: str,
+) -> ChainsResult:
+    champ, champ_it, hist, bank = outputs
 
     def unpad(x):
         return x[:c] if padded != c else x
