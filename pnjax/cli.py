@@ -5,12 +5,16 @@
     pnjax kink  [--out DIR] [...]    # Section 3: re-initialization vs persistent training
 
 Every command writes ``results.json`` and PNG figures to ``--out`` and prints a short table.
-Bad arguments get a one-line error naming the value and the fix (exit code 2).
+``toy2d`` and ``kink`` take ``--checkpoint-dir DIR`` (checkpoint after every persistent
+iteration) and ``--resume`` (continue a killed run from its checkpoints; see
+``docs/long_runs.md``). Bad arguments get a one-line error naming the value and the fix (exit
+code 2, no traceback; set ``PNJAX_DEBUG=1`` to see one).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -50,7 +54,7 @@ def _pos_float(name: str):
     return parse
 
 
-def _int_at_least(name: str, lo: int):
+def _int_at_least(name: str, lo: int, hi: int = 10**9):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -58,6 +62,8 @@ def _int_at_least(name: str, lo: int):
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
         if value < lo:
             raise argparse.ArgumentTypeError(f"{name} must be >= {lo}, got {value}")
+        if value > hi:
+            raise argparse.ArgumentTypeError(f"{name} must be <= {hi}, got {value}")
         return value
 
     return parse
@@ -67,15 +73,47 @@ def _out_dir(text: str) -> Path:
     path = Path(text)
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
+    except (OSError, ValueError) as e:
+        why = getattr(e, "strerror", None) or str(e)
         raise argparse.ArgumentTypeError(
-            f"cannot create output folder {text!r} ({e.strerror}); pass a writable --out"
+            f"cannot create output folder {text!r} ({why}); pass a writable --out"
         ) from None
     if not os.access(path, os.W_OK):
         raise argparse.ArgumentTypeError(
             f"output folder {text!r} is not writable; pass a writable --out"
         )
     return path
+
+
+def _folder_path(name: str):
+    def parse(text: str) -> Path:
+        if not text or "\0" in text:
+            raise argparse.ArgumentTypeError(f"{name} must be a folder path, got {text!r}")
+        path = Path(text)
+        if path.exists() and not path.is_dir():
+            raise argparse.ArgumentTypeError(
+                f"{name} {text!r} is a file, not a folder; pass a folder path"
+            )
+        return path
+
+    return parse
+
+
+def _checkpointing(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint-dir",
+        type=_folder_path("--checkpoint-dir"),
+        default=None,
+        metavar="DIR",
+        help="checkpoint after every persistent iteration into DIR (default with --resume: "
+        "OUT/checkpoints); a killed run continues with --resume",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run checkpointed in --checkpoint-dir (starts afresh if it holds "
+        "none yet); the other arguments must be the same as the first time",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--lam", type=_nonneg_float("--lam"), default=0.1, help="λ (default 0.1)")
     toy.add_argument(
         "--iterations",
-        type=_int_at_least("--iterations", 0),
+        type=_int_at_least("--iterations", 0, 100_000),
         default=1,
         help="persistent iterations after the plain run (default 1)",
     )
@@ -127,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="GD steps per run (default 50000)",
     )
     toy.add_argument("--lr", type=_pos_float("--lr"), default=1e-3, help="learning rate (1e-3)")
+    _checkpointing(toy)
 
     kink = sub.add_parser(
         "kink",
@@ -141,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(kink, "pnjax-out/kink")
     kink.add_argument(
         "--reinit",
-        type=_int_at_least("--reinit", 1),
+        type=_int_at_least("--reinit", 1, 100_000),
         default=100,
         help="number of re-initialized seeds (default 100)",
     )
@@ -153,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     kink.add_argument(
         "--iterations",
-        type=_int_at_least("--iterations", 0),
+        type=_int_at_least("--iterations", 0, 100_000),
         default=99,
         help="persistent iterations after the plain run (default 99)",
     )
@@ -168,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     kink.add_argument(
         "--no-controls", action="store_true", help="skip the random-anchor and scaled-init controls"
     )
+    _checkpointing(kink)
     return parser
 
 
@@ -246,45 +286,110 @@ def _print_kink(s: dict) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _checkpoint_folder(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path | None:
+    """The checkpoint folder of this command (None: no checkpointing), checked for use."""
+    folder = getattr(args, "checkpoint_dir", None)
+    resume = getattr(args, "resume", False)
+    if folder is None and not resume:
+        return None
+    if folder is None:
+        folder = args.out / "checkpoints"
+    folder = folder / args.command
+    holds = folder.is_dir() and any(folder.iterdir())
+    if holds and not resume:
+        parser.error(
+            f"--checkpoint-dir {str(folder.parent)!r} already holds checkpoints of a {args.command} "
+            "run; pass --resume to continue it, or an empty or new --checkpoint-dir to start afresh"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(
+            f"cannot create checkpoint folder {str(folder)!r} ({e.strerror}); pass a writable "
+            "--checkpoint-dir"
+        )
+    if not os.access(folder, os.W_OK):
+        parser.error(
+            f"checkpoint folder {str(folder)!r} is not writable; pass a writable --checkpoint-dir"
+        )
+    if resume and not holds:
+        print(f"pnjax: no checkpoint in {str(folder)!r} yet; starting afresh", file=sys.stderr)
+    return folder
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     say = _say(args.quiet)
     out: Path = args.out
     t0 = time.perf_counter()
-    if args.command == "toy2d":
-        cmd_toy2d(out, args.lam, args.iterations, args.steps, args.lr, say)
-    elif args.command == "kink":
-        cmd_kink(
-            out,
-            say,
-            num_reinit=args.reinit,
-            num_stuck=args.stuck_seeds,
-            iterations=args.iterations,
-            lam=args.lam,
-            steps=args.steps,
-            lr=args.lr,
-            controls=not args.no_controls,
+    if args.command == "kink" and args.stuck_seeds > args.reinit:
+        parser.error(
+            f"--stuck-seeds {args.stuck_seeds} is more than --reinit {args.reinit}: the stuck "
+            "seeds are drawn from the re-initialized ones; pass --stuck-seeds <= --reinit"
         )
-    elif args.command == "demo":
-        toy_out, kink_out = out / "toy2d", out / "kink"
-        toy_out.mkdir(parents=True, exist_ok=True)
-        kink_out.mkdir(parents=True, exist_ok=True)
-        toy = cmd_toy2d(toy_out, 0.1, 1, 50_000, 1e-3, say)
-        kink = cmd_kink(
-            kink_out,
-            say,
-            num_reinit=20,
-            num_stuck=1,
-            iterations=10,
-            lam=0.01,
-            steps=50_000,
-            lr=1e-3,
-            controls=True,
-            scale_factors=(0.25,),
-        )
-        _write_json(out / "results.json", {"toy2d": toy, "kink": kink})
+    ckdir = _checkpoint_folder(args, parser)
+    scope = contextlib.nullcontext()
+    if ckdir is not None:
+        from pnjax.fit import checkpoint_scope
+
+        scope = checkpoint_scope(ckdir)
+        say(f"checkpointing into {ckdir}")
+    with scope:
+        if args.command == "toy2d":
+            cmd_toy2d(out, args.lam, args.iterations, args.steps, args.lr, say)
+        elif args.command == "kink":
+            cmd_kink(
+                out,
+                say,
+                num_reinit=args.reinit,
+                num_stuck=args.stuck_seeds,
+                iterations=args.iterations,
+                lam=args.lam,
+                steps=args.steps,
+                lr=args.lr,
+                controls=not args.no_controls,
+            )
+        elif args.command == "demo":
+            toy_out, kink_out = out / "toy2d", out / "kink"
+            toy_out.mkdir(parents=True, exist_ok=True)
+            kink_out.mkdir(parents=True, exist_ok=True)
+            toy = cmd_toy2d(toy_out, 0.1, 1, 50_000, 1e-3, say)
+            kink = cmd_kink(
+                kink_out,
+                say,
+                num_reinit=20,
+                num_stuck=1,
+                iterations=10,
+                lam=0.01,
+                steps=50_000,
+                lr=1e-3,
+                controls=True,
+                scale_factors=(0.25,),
+            )
+            _write_json(out / "results.json", {"toy2d": toy, "kink": kink})
     say(f"done in {time.perf_counter() - t0:.0f}s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the ``pnjax`` command; returns the exit code (0, 2 on bad input, 130 on Ctrl-C).
+
+    Args:
+      argv: the arguments (default ``sys.argv[1:]``).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args, parser)
+    except (ValueError, TypeError, OSError) as e:
+        if os.environ.get("PNJAX_DEBUG", "0") not in ("", "0"):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"pnjax: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = " (continue with --resume)" if getattr(args, "checkpoint_dir", None) else ""
+        print(f"pnjax: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

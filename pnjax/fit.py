@@ -72,7 +72,13 @@ def _next_scoped_dir() -> Path | None:
 
 
 def _default_jit() -> Callable[..., Any]:
-    return jax.jit
+    """``pnjax._compile.jit`` (``jax.jit`` with pnjax's CPU compile options), else ``jax.jit``."""
+    try:
+        from pnjax import _compile
+
+        return _compile.jit
+    except ImportError:  # pragma: no cover - _compile is part of the package
+        return jax.jit
 
 
 def _champion_upto(scores: list[Any], diverged: list[bool], n: int) -> int:
@@ -386,7 +392,8 @@ def persistent_fit(
         ``loss``, ``diverged``, ``champion_iteration`` and the run's final ``params``. On
         resume it is replayed for the restored iterations with ``info['resumed'] = True``
         (the checkpoint then also keeps every iteration's final params).
-      jit: the function that compiles the run (default ``jax.jit``).
+      jit: the function that compiles the run (default ``pnjax._compile.jit``: ``jax.jit``
+        with pnjax's CPU compile options, none on GPU/TPU).
       checkpoint_dir: a folder to checkpoint into after every iteration (bank, history,
         championship, RNG state; see ``docs/long_runs.md``). If it already holds a checkpoint
         of the same configuration the run resumes from it; one of a different configuration

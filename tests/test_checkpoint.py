@@ -67,7 +67,7 @@ CHILD = textwrap.dedent(
         os.kill(os.getpid(), signal.SIGKILL)
 
     def jit(fn):
-        compiled, calls = jax.jit(fn), [0]
+        compiled, calls = pnjax.fit._default_jit()(fn), [0]
 
         def call(*args):
             out = compiled(*args)  # dispatched asynchronously: the iteration is in flight
