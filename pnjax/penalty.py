@@ -38,7 +38,9 @@ def check_lam(lam: Any) -> None:
         arr = np.asarray(lam, dtype=np.float64)
     except (TypeError, ValueError) as e:
         raise TypeError(f"lam must be a number or an array of numbers, got {lam!r}.") from e
-    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+    with np.errstate(over="ignore"):
+        in_float32 = arr if jax.config.jax_enable_x64 else arr.astype(np.float32)
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0) or not np.all(np.isfinite(in_float32)):
         raise ValueError(
             f"lam must be finite and >= 0, got {lam!r}; the paper uses 0.1 (2-D toy), 0.01 "
             "(kink MLP, full LeNet-5) and 0.001 (partial models)."
@@ -115,7 +117,7 @@ def persistent_penalty(
         or a ``[num_layers]`` mask array (for a layer chosen at run time).
 
     Returns:
-      A scalar in the params' (promoted) dtype.
+      A scalar in the params' (promoted) dtype; float32 when every leaf is an integer or bool.
 
     Raises:
       ValueError: the bank does not match the params, an unknown layer, λ negative or not
@@ -129,6 +131,8 @@ def persistent_penalty(
     dots = layer_dots(params, bank)
     terms = jnp.abs(dots) * _inverse_sq_norms(bank).astype(dots.dtype) * mask.astype(dots.dtype)
     out_dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
+    if not jnp.issubdtype(out_dtype, jnp.inexact):  # integer/bool params: a float penalty
+        out_dtype = jnp.float32
     return (jnp.asarray(lam, dots.dtype) * jnp.sum(terms)).astype(out_dtype)
 
 
@@ -150,7 +154,8 @@ def persistent_gradient(
       layers: as in :func:`persistent_penalty`.
 
     Returns:
-      A pytree shaped and typed like ``params``.
+      A pytree shaped and typed like ``params`` (zeros for integer and bool leaves, which have
+      no gradient).
     """
     _check(params, bank, lam)
     return _gradient_unchecked(params, bank, lam, _selection(bank, layers))
@@ -170,6 +175,9 @@ def _gradient_unchecked(params: PyTree, bank: AnchorBank, lam: Any, mask: jax.Ar
     out = []
     for a, p, lid in zip(a_leaves, p_leaves, layout.leaf_layer, strict=True):
         p = jnp.asarray(p)
+        if not jnp.issubdtype(p.dtype, jnp.inexact):  # integer/bool leaves get no gradient
+            out.append(jnp.zeros_like(p))
+            continue
         g = jnp.einsum("k,k...->...", coef[:, lid].astype(a.dtype), a)
         out.append(g.astype(p.dtype))
     return jax.tree_util.tree_unflatten(treedef, out)
