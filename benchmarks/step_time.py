@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for m in models:
         for b in batches:
-            default_reps = {"lenet5": 20, "alexnet": 10, "resnet18": 3}[m]
+            default_reps = {"lenet5": 20, "alexnet": 10, "resnet18": 2}[m]
             reps = args.reps or (max(2, default_reps // 2) if args.quick else default_reps)
             t0 = time.perf_counter()
             r = bench_case(m, b, reps, with_torch)
