@@ -135,7 +135,7 @@ DTYPES = [jnp.float32, jnp.float16, jnp.bfloat16, jnp.int32, jnp.bool_]
 if jax.config.jax_enable_x64:
     DTYPES.append(jnp.float64)
 
-shapes = st.lists(st.integers(0, 3), min_size=0, max_size=3).map(tuple)
+shapes = st.lists(st.integers(0, 2), min_size=0, max_size=2).map(tuple)
 
 
 @st.composite
@@ -176,7 +176,7 @@ def _tol(tree):
     return 3e-2 if dts & {jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)} else 1e-4
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=pytrees(), seed=st.integers(0, 2**16), n_anchors=st.integers(0, 3))
 def test_fuzz_penalty_gradient_transform(spec, seed, n_anchors):
     params = _materialize(spec, seed)
@@ -240,7 +240,8 @@ def test_fuzz_lam(lam):
         arr = np.asarray(lam, np.float64)
     except (TypeError, ValueError):
         pass
-    valid = arr is not None and np.all(np.isfinite(arr)) and np.all(arr >= 0)
+    with np.errstate(over="ignore"):
+        valid = arr is not None and np.all(np.isfinite(arr.astype(np.float32))) and np.all(arr >= 0)
     if valid and arr.ndim == 0:
         out = pnjax.persistent_penalty(params, bank, lam)
         assert np.isfinite(float(out))
