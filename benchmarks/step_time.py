@@ -393,6 +393,11 @@ def main(argv: list[str] | None = None) -> None:
             print("    top ops: " + ", ".join(
                 f"{o['op']} {o['ms']:.1f}" for o in r["pnjax_top_ops"][:5]))  # fmt: skip
 
+        write(args.out, results, with_torch, argv)
+
+
+def write(out_path: str, results: list[dict[str, Any]], with_torch: bool, argv: Any) -> None:
+    """Writes the JSON (with machine metadata) and the PNG; called after every model."""
     meta = {
         "command": "python "
         + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
@@ -410,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
 
         meta["torch"] = torch.__version__
         meta["torch_threads"] = torch.get_num_threads()
-    out = Path(args.out)
+    out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     plot(results, out.with_suffix(".png"))
