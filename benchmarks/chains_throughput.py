@@ -243,9 +243,9 @@ def torch_data(prob: dict[str, Any]):
     import torch
 
     if prob["name"] == "kink_mlp":
-        x, y = torch.from_numpy(prob["x"]), torch.from_numpy(prob["y"])
+        x, y = torch.from_numpy(prob["x"].copy()), torch.from_numpy(prob["y"].copy())
         return x, y, lambda out, t: ((out - t) ** 2).mean()
-    x = torch.from_numpy(prob["x"]).permute(0, 3, 1, 2).contiguous()
+    x = torch.from_numpy(prob["x"].copy()).permute(0, 3, 1, 2).contiguous()
     y = torch.from_numpy(prob["y"]).long()
     return x, y, torch.nn.functional.cross_entropy
 
