@@ -38,7 +38,7 @@ _DISABLE_ENV = "PNJAX_NO_CPU_COMPILER_OPTIONS"
 def _options_supported() -> bool:
     """Whether this jaxlib's CPU compiler accepts :data:`CPU_COMPILER_OPTIONS`."""
     try:
-        jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS, backend="cpu").lower(
+        jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(
             jax.ShapeDtypeStruct((), "float32")
         ).compile()
     except Exception:  # noqa: BLE001 - any failure means: do not use the options
@@ -94,7 +94,11 @@ class _Jit:
         """The underlying ``jax.jit`` object."""
         if self._jitted is None:
             kwargs = dict(self._kwargs)
-            options = {**cpu_compiler_options(self._platform()), **(kwargs.pop("compiler_options", None) or {})}
+            options = {
+                **cpu_compiler_options(self._platform()),
+                **(kwargs.pop("compiler_options", None) or {}),
+            }
+            self.compiler_options = options
             self._jitted = jax.jit(self._fn, compiler_options=options or None, **kwargs)
         return self._jitted
 
@@ -114,7 +118,7 @@ class _Jit:
         return self.jitted.eval_shape(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("_fn", "_kwargs", "_jitted"):
+        if name.startswith("__") or name in ("_fn", "_kwargs", "_jitted", "compiler_options"):
             raise AttributeError(name)
         return getattr(self.jitted, name)
 

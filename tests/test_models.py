@@ -246,7 +246,7 @@ def test_jit_matches_jax_jit_and_compiles_once() -> None:
     assert len(traces) == n
     assert fast.lower(params, o, x, y).compile() is not None
     if jax.default_backend() == "cpu":
-        assert "xla_cpu_experimental_ynn_fusion_type" in fast.jitted._compiler_options  # noqa: SLF001
+        assert "xla_cpu_experimental_ynn_fusion_type" in fast.compiler_options
     fast(params, o, x[:4], y[:4])  # a new shape compiles once more
     assert len(traces) == n + 1
 
