@@ -33,6 +33,7 @@ With a ``jax.sharding.Mesh`` the chain axis is split over the mesh's devices
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -262,11 +263,17 @@ def _build_program(
     shuffle: str,
     push_diverged: bool,
     constrain: Callable[[PyTree], PyTree],
-) -> Callable[..., Any]:
-    """The pure function of all chains and iterations (jit it)."""
+) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """Pure functions of all chains: ``init_state(*args)`` and ``loop(state, start, stop, *args)``.
+
+    ``args = (params0, lam, masks, keys, active)``. The state holds the bank(s), the champions
+    and preallocated history buffers ``[N + 1, C, ...]``; ``loop`` runs iterations
+    ``start <= n < stop`` (dynamic bounds, so one compilation serves a whole run or one
+    iteration at a time, which is how checkpointed runs resume between iterations).
+    """
     many = jax.vmap(run, in_axes=(0, 0 if mode == "independent" else None, 0, 0, 0))
 
-    def program(params0, lam, masks, keys, active):
+    def init_state(params0, lam, masks, keys, active):
         c = lam.shape[0]
         one = AnchorBank.create(template, capacity)
         if mode == "independent":
@@ -274,48 +281,65 @@ def _build_program(
             bank = constrain(bank)
         else:
             bank = one
-        champ = params0
-        champ_score = jnp.full((c,), jnp.inf, jnp.float32)
-        champ_it = jnp.full((c,), -1, jnp.int32)
+        _, shapes = jax.eval_shape(many, params0, bank, lam, masks[:, 0], keys)
+        hist = {k: jnp.zeros((iterations + 1, *v.shape), v.dtype) for k, v in shapes.items()}
+        hist["diverged"] = jnp.zeros((iterations + 1, c), bool)
+        hist["pushed"] = jnp.zeros((iterations + 1, c), bool)
+        return {
+            "bank": bank,
+            "champion": params0,
+            "champion_score": jnp.full((c,), jnp.inf, jnp.float32),
+            "champion_iteration": jnp.full((c,), -1, jnp.int32),
+            "history": hist,
+        }
 
-        def body(carry, n):
-            bank, champ, champ_score, champ_it = carry
-            dkeys = keys if shuffle == "same" else jax.vmap(jax.random.fold_in, (0, None))(keys, n)
-            params, metrics = many(params0, bank, lam, masks[:, n], dkeys)
-            params = constrain(params)
-            ok = (
-                jnp.isfinite(metrics["loss"])
-                & jnp.isfinite(metrics["score"])
-                & jax.vmap(_all_finite)(params)
-            )
-            want = (ok | push_diverged) & active
-            if mode == "independent":
-                push = want & (bank.count < capacity)
-                pushed = jax.vmap(lambda b, p: b.push(p))(bank, params)
-                bank = _tree_where_chain(push, pushed, bank)
-            else:
-
-                def push_one(b, xs):
-                    p, w = xs
-                    do = w & (b.count < capacity)
-                    return _tree_where(do, b.push(p), b), do
-
-                bank, push = jax.lax.scan(push_one, bank, (params, want))
-            better = ok & (metrics["score"] < champ_score)
-            champ = _tree_where_chain(better, params, champ)
-            champ_score = jnp.where(better, metrics["score"], champ_score)
-            champ_it = jnp.where(better, n, champ_it)
-            out = dict(metrics, diverged=~ok, pushed=push)
-            return (bank, champ, champ_score, champ_it), out
-
-        carry, hist = jax.lax.scan(
-            body, (bank, champ, champ_score, champ_it), jnp.arange(iterations + 1)
+    def body(n, state, params0, lam, masks, keys, active):
+        bank = state["bank"]
+        dkeys = keys if shuffle == "same" else jax.vmap(jax.random.fold_in, (0, None))(keys, n)
+        masks_n = jax.lax.dynamic_index_in_dim(masks, n, axis=1, keepdims=False)
+        params, metrics = many(params0, bank, lam, masks_n, dkeys)
+        params = constrain(params)
+        ok = (
+            jnp.isfinite(metrics["loss"])
+            & jnp.isfinite(metrics["score"])
+            & jax.vmap(_all_finite)(params)
         )
-        bank, champ, _, champ_it = carry
-        hist = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1), hist)  # [C, N+1, ...]
-        return champ, champ_it, hist, bank
+        want = (ok | push_diverged) & active
+        if mode == "independent":
+            push = want & (bank.count < capacity)
+            pushed = jax.vmap(lambda b, p: b.push(p))(bank, params)
+            bank = _tree_where_chain(push, pushed, bank)
+        else:
 
-    return program
+            def push_one(b, xs):
+                p, w = xs
+                do = w & (b.count < capacity)
+                return _tree_where(do, b.push(p), b), do
+
+            bank, push = jax.lax.scan(push_one, bank, (params, want))
+        better = ok & (metrics["score"] < state["champion_score"])
+        out = dict(metrics, diverged=~ok, pushed=push)
+        hist = {k: v.at[n].set(out[k]) for k, v in state["history"].items()}
+        return {
+            "bank": bank,
+            "champion": _tree_where_chain(better, params, state["champion"]),
+            "champion_score": jnp.where(better, metrics["score"], state["champion_score"]),
+            "champion_iteration": jnp.where(better, n, state["champion_iteration"]),
+            "history": hist,
+        }
+
+    def loop(state, start, stop, params0, lam, masks, keys, active):
+        return jax.lax.fori_loop(
+            start, stop, lambda n, st: body(n, st, params0, lam, masks, keys, active), state
+        )
+
+    return init_state, loop
+
+
+def _outputs(state: dict[str, Any]) -> tuple[Any, ...]:
+    """``(champion, champion_iteration, history [C, N + 1, ...], bank)`` from a loop state."""
+    hist = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1), state["history"])
+    return state["champion"], state["champion_iteration"], hist, state["bank"]
 
 
 def _tree_where_chain(cond: jax.Array, a: PyTree, b: PyTree) -> PyTree:
@@ -363,6 +387,8 @@ def run_chains(
     log_every: int | None = None,
     push_diverged: bool = False,
     jit: Callable[..., Any] | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    checkpoint_keep: int = 2,
 ) -> ChainsResult:
     """Runs ``C`` persistent chains (Algorithm 1 each, or a population) in one compiled program.
 
@@ -410,6 +436,11 @@ def run_chains(
       log_every: training-loss recording period (full batch).
       push_diverged: also push runs whose loss or params are not finite (default: never).
       jit: the compiler (default :func:`pnjax._compile.jit`, ``jax.jit`` plus CPU options).
+      checkpoint_dir: a folder to checkpoint into after every iteration (round); a folder
+        holding a checkpoint of the same configuration is resumed from, one of another
+        configuration is refused (``ValueError``). The same compiled loop then runs one
+        iteration per call, so a resumed run equals an uninterrupted one bit for bit on CPU.
+      checkpoint_keep: how many checkpoints to keep (default 2).
 
     Returns:
       A :class:`ChainsResult`.
@@ -421,7 +452,7 @@ def run_chains(
     References:
       Min, *Persistent Neurons*, arXiv:2007.01419, Algorithm 1.
     """
-    compiled, args, finish = prepare_chains(
+    compiled, args, finish, *stages = prepare_chains(
         init_params,
         loss_fn,
         optimizer,
@@ -443,8 +474,52 @@ def run_chains(
         log_every=log_every,
         push_diverged=push_diverged,
         jit=jit,
+        _stages=checkpoint_dir is not None,
     )
-    return finish(compiled(*args))
+    if checkpoint_dir is None:
+        return finish(compiled(*args))
+    init_j, loop_j, masks, cap = stages[0]
+    from pnjax import checkpoint as ckpt
+
+    keep = int(checkpoint_keep)
+    if keep < 1:
+        raise ValueError(f"checkpoint_keep must be an int >= 1, got {checkpoint_keep!r}.")
+    fingerprint = ckpt.config_fingerprint(
+        {
+            "driver": "run_chains",
+            "iterations": int(iterations),
+            "mode": mode,
+            "steps": steps,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "log_every": log_every,
+            "capacity": int(cap),
+            "shuffle": shuffle,
+            "push_diverged": push_diverged,
+            "num_args_chains": int(np.shape(args[1])[0]),
+        },
+        init_params=init_params,
+        lam=np.asarray(args[1]),
+        keys=np.asarray(jax.random.key_data(args[3])),
+        data=data,
+        layer_masks=np.asarray(masks),
+    )
+    state = init_j(*args)
+
+    def like(meta: dict[str, Any]) -> PyTree:
+        ckpt.check_fingerprint(meta.get("fingerprint"), fingerprint, checkpoint_dir)
+        return state
+
+    done = 0
+    found = ckpt.restore_checkpoint(checkpoint_dir, like=like)
+    if found is not None:
+        state, done = found.state, int(found.metadata["done"])
+    for n in range(done, int(iterations) + 1):
+        state = loop_j(state, n, n + 1, *args)
+        jax.block_until_ready(state)
+        meta = {"fingerprint": fingerprint, "done": n + 1}
+        ckpt.save_checkpoint(checkpoint_dir, n + 1, state, meta, keep=keep)
+    return finish(_outputs(state))
 
 
 def prepare_chains(
@@ -470,6 +545,7 @@ def prepare_chains(
     log_every: int | None = None,
     push_diverged: bool = False,
     jit: Callable[..., Any] | None = None,
+    _stages: bool = False,
 ) -> tuple[Callable[..., Any], tuple[Any, ...], Callable[[Any], ChainsResult]]:
     """:func:`run_chains` split in two: the jitted program, its arguments, and the unpacker.
 
@@ -561,7 +637,7 @@ def prepare_chains(
         put(pad(keys)),
         put(jnp.asarray(active)),
     )
-    program = _build_program(
+    init_state, loop = _build_program(
         run,
         template=template,
         capacity=int(capacity),
@@ -571,11 +647,18 @@ def prepare_chains(
         push_diverged=push_diverged,
         constrain=constrain,
     )
-    compiled = (jit or _compile.jit)(program)
+
+    def program(*a):
+        return _outputs(loop(init_state(*a), 0, iterations + 1, *a))
+
+    compiler = jit or _compile.jit
+    compiled = compiler(program)
 
     def finish(outputs: tuple[Any, ...]) -> ChainsResult:
         return _finish(outputs, c=c, padded=padded, idx=idx, names=names, mode=mode)
 
+    if _stages:
+        return compiled, args, finish, (compiler(init_state), compiler(loop), masks, capacity)
     return compiled, args, finish
 
 

@@ -190,3 +190,40 @@ def test_leading_axes_must_agree(inits):
         pnjax.run_chains(
             {"w": jnp.float32(1.0)}, mse, optax.sgd(1e-2), iterations=1, lam=0.0, steps=1
         )
+
+
+def test_checkpointed_run_resumes_bit_identical(tmp_path):
+    """run_chains(checkpoint_dir=...) resumes after an interruption and equals a plain run."""
+    pytest.importorskip("orbax.checkpoint")
+    from pnjax.experiments.toy2d import TOY_START, toy_loss
+
+    starts = jnp.stack([TOY_START, TOY_START + 0.05, TOY_START - 0.05])
+    kw = dict(iterations=3, lam=jnp.array([0.1, 0.05, 0.0]), steps=300)
+    ref = pnjax.run_chains(starts, toy_loss, optax.sgd(1e-1), **kw)
+    full = pnjax.run_chains(
+        starts, toy_loss, optax.sgd(1e-1), checkpoint_dir=tmp_path, checkpoint_keep=10, **kw
+    )
+    from pnjax import checkpoint as ckpt
+
+    assert ckpt.checkpoint_steps(tmp_path) == [1, 2, 3, 4]
+    # drop the newest steps: as if the run had died during iteration 2
+    import shutil
+
+    for step in (3, 4):
+        shutil.rmtree(tmp_path / str(step))
+    assert ckpt.checkpoint_steps(tmp_path) == [1, 2]
+    resumed = pnjax.run_chains(starts, toy_loss, optax.sgd(1e-1), checkpoint_dir=tmp_path, **kw)
+    assert ckpt.checkpoint_steps(tmp_path)[-1] == 4
+    for res in (full, resumed):
+        np.testing.assert_array_equal(res.history["loss"], ref.history["loss"])
+        np.testing.assert_array_equal(res.champion_iteration, ref.champion_iteration)
+        np.testing.assert_array_equal(np.asarray(res.champion), np.asarray(ref.champion))
+        np.testing.assert_array_equal(np.asarray(res.bank.anchors), np.asarray(ref.bank.anchors))
+    with pytest.raises(ValueError, match="lam"):
+        pnjax.run_chains(
+            starts,
+            toy_loss,
+            optax.sgd(1e-1),
+            checkpoint_dir=tmp_path,
+            **(kw | {"lam": jnp.array([0.2, 0.05, 0.0])}),
+        )
