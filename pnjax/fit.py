@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -285,6 +286,14 @@ def make_train_run(
         params = carry[0]
         return params, finish(params, bank, lam, mask, curve)
 
+    run.step = update  # type: ignore[attr-defined]
+    run.finish = finish  # type: ignore[attr-defined]
+    run.minibatch = minibatch  # type: ignore[attr-defined]
+    run.steps, run.log_every = steps, log_every  # type: ignore[attr-defined]
+    run.epochs, run.batch_size = epochs, batch_size  # type: ignore[attr-defined]
+    run.num_batches = num_batches if minibatch else 0  # type: ignore[attr-defined]
+    run.optimizer = optimizer  # type: ignore[attr-defined]
+    run.data = data  # type: ignore[attr-defined]
     if minibatch:
         # Pieces of the same computation, for runs checkpointed between chunks of epochs.
         run.parts = _RunParts(  # type: ignore[attr-defined]
@@ -294,6 +303,94 @@ def make_train_run(
             epochs=epochs,
         )
     return run
+
+
+def python_loop_run(run: Callable[..., Any], jit: Callable[..., Any]) -> Callable[..., Any]:
+    """The run of :func:`make_train_run` driven from Python, one compiled step per update.
+
+    Same arguments and results as ``jit(run)``, and the same arithmetic; only the loop over
+    steps (and mini-batches) runs in Python around one compiled update. On XLA:CPU a
+    convolutional step inside ``lax.scan`` runs several times slower than the same step called
+    from Python (see ``docs/cpu_speed.md``); for such models this is the faster driver. Small
+    models (the kink MLP) are faster with the default scan, where Python's dispatch overhead
+    (tens of microseconds a call) does not count.
+
+    Args:
+      run: a function returned by :func:`make_train_run`.
+      jit: the compiler of each piece.
+
+    Returns:
+      ``run_python(params0, bank, lam, mask, key) -> (params, metrics)``.
+    """
+    init = jit(lambda p: (p, run.optimizer.init(p)))  # type: ignore[attr-defined]
+    finish = jit(run.finish)  # type: ignore[attr-defined]
+    if not run.minibatch:  # type: ignore[attr-defined]
+        step = jit(lambda c, bank, lam, mask: run.step(c, None, bank, lam, mask))  # type: ignore[attr-defined]
+
+        def run_python(params0, bank, lam, mask, key):
+            carry = init(params0)
+            losses = []
+            for _ in range(run.steps):  # type: ignore[attr-defined]
+                carry, loss = step(carry, bank, lam, mask)
+                losses.append(loss)
+            curve = jnp.stack(losses)[:: run.log_every]  # type: ignore[attr-defined]
+            return carry[0], finish(carry[0], bank, lam, mask, curve)
+
+        return run_python
+
+    bsz, nb = run.batch_size, run.num_batches  # type: ignore[attr-defined]
+
+    def batch_step(c, data, perm, b, bank, lam, mask):
+        idx = jax.lax.dynamic_slice_in_dim(perm, b * bsz, bsz)
+        batch = jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), data)
+        return run.step(c, batch, bank, lam, mask)  # type: ignore[attr-defined]
+
+    step = jit(batch_step)
+    n_examples = int(np.shape(jax.tree_util.tree_leaves(run.data)[0])[0])  # type: ignore[attr-defined]
+    permute = jit(lambda k: jax.random.permutation(k, n_examples))
+
+    def run_python(params0, bank, lam, mask, key):
+        carry = init(params0)
+        curve = []
+        for ekey in jax.random.split(key, run.epochs):  # type: ignore[attr-defined]
+            perm = permute(ekey)
+            losses = []
+            for b in range(nb):
+                carry, loss = step(carry, run.data, perm, b, bank, lam, mask)  # type: ignore[attr-defined]
+                losses.append(loss)
+            curve.append(jnp.mean(jnp.stack(losses)))
+        return carry[0], finish(carry[0], bank, lam, mask, jnp.stack(curve))
+
+    return run_python
+
+
+def _has_convolution(jaxpr: Any) -> bool:
+    """Whether a (closed) jaxpr, or any jaxpr nested in it, contains a convolution."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            return True
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            if _has_convolution(sub):
+                return True
+    return False
+
+
+def choose_loop(loss_fn: Callable[..., Any], init_params: PyTree, data: PyTree | None) -> str:
+    """``'python'`` on a CPU when the loss contains a convolution, else ``'scan'``.
+
+    On XLA:CPU a convolutional update inside ``lax.scan`` runs many times slower than the same
+    compiled update called from Python (LeNet-5, batch 128: about 19x, see
+    ``benchmarks/results/driver_loop.json``); small dense models are faster in the scan.
+    """
+    if jax.default_backend() != "cpu":
+        return "scan"
+    args = () if data is None else (jax.tree_util.tree_map(lambda x: x[:1], data),)
+    try:
+        jaxpr = jax.make_jaxpr(loss_fn)(init_params, *args)
+    except Exception:  # noqa: BLE001 - e.g. a batch of 1 does not fit the model: keep the scan
+        return "scan"
+    return "python" if _has_convolution(jaxpr) else "scan"
 
 
 def _layer_schedule(
@@ -347,6 +444,7 @@ def persistent_fit(
     anchor_fn: Callable[[PyTree, jax.Array], PyTree] | None = None,
     callback: Callable[[int, dict[str, Any]], None] | None = None,
     jit: Callable[..., Any] | None = None,
+    loop: str = "auto",
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every_epochs: int | None = None,
     checkpoint_keep: int = 2,
@@ -394,6 +492,12 @@ def persistent_fit(
         (the checkpoint then also keeps every iteration's final params).
       jit: the function that compiles the run (default ``pnjax._compile.jit``: ``jax.jit``
         with pnjax's CPU compile options, none on GPU/TPU).
+      loop: ``'scan'`` (each run is one compiled program, a ``lax.scan`` over steps),
+        ``'python'`` (one compiled update called from a Python loop; same results, much faster
+        for convolutional models on XLA:CPU, see ``docs/cpu_speed.md``) or ``'auto'``
+        (default: ``'python'`` on a CPU when the loss contains a convolution and
+        ``checkpoint_every_epochs`` is not used, else ``'scan'``). All compile once for all
+        iterations.
       checkpoint_dir: a folder to checkpoint into after every iteration (bank, history,
         championship, RNG state; see ``docs/long_runs.md``). If it already holds a checkpoint
         of the same configuration the run resumes from it; one of a different configuration
@@ -471,8 +575,20 @@ def persistent_fit(
         log_every=log_every,
     )
     jit = jit or _default_jit()
-    compiled = jit(run)
+    if loop not in ("auto", "scan", "python"):
+        raise ValueError(
+            f"loop must be 'auto', 'scan' (one compiled program per run) or 'python' (a compiled "
+            f"step called from Python: faster for convolutional models on a CPU), got {loop!r}."
+        )
+    if loop == "auto":
+        loop = "scan" if every is not None else choose_loop(loss_fn, init_params, data)
+    compiled = jit(run) if loop == "scan" else python_loop_run(run, jit)
     chunked = every is not None and every < int(epochs or 0)
+    if chunked and loop == "python":
+        raise ValueError(
+            "checkpoint_every_epochs works with loop='scan' only; with loop='python' runs are "
+            "checkpointed after every iteration."
+        )
     if chunked:
         parts: _RunParts = run.parts  # type: ignore[attr-defined]
         c_start, c_chunk, c_finish = jit(parts.start), jit(parts.epochs_chunk), jit(parts.finish)

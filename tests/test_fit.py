@@ -186,3 +186,48 @@ def test_bad_arguments(init, kwargs, match):
     args = {"iterations": 1, "lam": 0.01, "steps": 5} | kwargs
     with pytest.raises(ValueError, match=match):
         pnjax.persistent_fit(init, mse, optax.sgd(1e-2), **args)
+
+
+@pytest.mark.parametrize("form", ["full", "mini"])
+def test_python_loop_equals_scan_and_compiles_once(init, form):
+    traces = []
+
+    def loss(p, batch=None):
+        traces.append(1)
+        return mse(p, batch)
+
+    kw = dict(iterations=2, lam=0.05, key=jax.random.key(0))
+    if form == "full":
+        kw |= dict(steps=25)
+    else:
+        kw |= dict(data=(X, Y), batch_size=4, epochs=2)
+    ref = pnjax.persistent_fit(init, loss, optax.adam(1e-2), **kw)
+    traces.clear()
+    got = pnjax.persistent_fit(init, loss, optax.adam(1e-2), loop="python", **kw)
+    n_traces = len(traces)
+    for k in ("loss", "score", "penalty", "curve"):
+        np.testing.assert_allclose(got.history[k], ref.history[k], rtol=1e-5, atol=1e-7)
+    assert got.champion_iteration == ref.champion_iteration
+    traces.clear()
+    pnjax.persistent_fit(init, loss, optax.adam(1e-2), loop="python", **(kw | {"iterations": 4}))
+    assert len(traces) == n_traces, "more iterations must not trace the step again"
+    with pytest.raises(ValueError, match="loop must be"):
+        pnjax.persistent_fit(init, loss, optax.adam(1e-2), loop="while", **kw)
+
+
+def test_auto_loop_picks_python_for_convolutions_on_cpu(init):
+    import flax.linen as nn
+
+    from pnjax.fit import choose_loop
+
+    class Conv(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1)(nn.Conv(2, (3, 3))(x).reshape(x.shape[0], -1))
+
+    x = jnp.ones((2, 4, 4, 1))
+    p = Conv().init(jax.random.key(0), x)["params"]
+    want = "python" if jax.default_backend() == "cpu" else "scan"
+    assert choose_loop(lambda q: jnp.mean(Conv().apply({"params": q}, x)), p, None) == want
+    assert choose_loop(mse, init, None) == "scan"
+    assert choose_loop(mse, init, (X, Y)) == "scan"
