@@ -49,6 +49,51 @@ def kink_case(steps: int = 5000):
     return kink.init_params(prob, 0), run, steps
 
 
+def chains_case(reps: int, c: int = 4, n: int = 256, batch: int = 64) -> dict:
+    """run_chains on LeNet-5, C chains, plain + 1 persistent iteration: scan vs python loop."""
+    from pnjax.chains import prepare_chains
+
+    model = LeNet5()
+    x = jax.random.normal(jax.random.key(0), (n, 32, 32, 3))
+    y = jnp.arange(n) % 10
+
+    def loss_fn(p, b):
+        logits = model.apply({"params": p}, b[0])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, b[1]).mean()
+
+    inits = jax.vmap(lambda k: model.init(k, x[:1])["params"])(
+        jax.random.split(jax.random.key(1), c)
+    )
+    kw = dict(
+        iterations=1, lam=0.01, data=(x, y), batch_size=batch, epochs=1, key=jax.random.key(2)
+    )
+    steps = c * 2 * (n // batch)  # chain-steps per call
+    row: dict = {"case": f"run_chains lenet5, C={c}, batch {batch}", "chain_steps_per_call": steps}
+    fns = {}
+    for loop in ("scan", "python"):
+        compiled, args, _ = prepare_chains(inits, loss_fn, optax.adam(1e-3), loop=loop, **kw)
+        jax.block_until_ready(compiled(*args))
+        fns[loop] = (compiled, args)
+    for _ in range(reps):
+        for loop, (compiled, args) in fns.items():
+            t = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            row.setdefault(f"{loop}_ms_per_chain_step", []).append(
+                1e3 * (time.perf_counter() - t) / steps
+            )
+    for loop in fns:
+        row[f"{loop}_ms_per_chain_step_best"] = min(row[f"{loop}_ms_per_chain_step"])
+    row["scan_over_python"] = (
+        row["scan_ms_per_chain_step_best"] / row["python_ms_per_chain_step_best"]
+    )
+    print(
+        row["case"],
+        {k: round(v, 3) for k, v in row.items() if k.endswith(("best", "python"))},
+        flush=True,
+    )
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/driver_loop.json")
@@ -95,6 +140,7 @@ def main() -> None:
             flush=True,
         )
         out["cases"].append(row)
+    out["chains"] = chains_case(a.reps)
     out["load_average_end"] = os.getloadavg()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))

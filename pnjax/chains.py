@@ -44,7 +44,7 @@ import optax
 
 from pnjax import _compile
 from pnjax.anchors import AnchorBank
-from pnjax.fit import FitResult, make_train_run
+from pnjax.fit import FitResult, choose_loop, make_train_run
 from pnjax.layers import layer_mask, layer_names
 from pnjax.penalty import check_lam
 
@@ -293,11 +293,13 @@ def _build_program(
             "history": hist,
         }
 
-    def body(n, state, params0, lam, masks, keys, active):
-        bank = state["bank"]
+    def train(n, state, params0, lam, masks, keys):
         dkeys = keys if shuffle == "same" else jax.vmap(jax.random.fold_in, (0, None))(keys, n)
         masks_n = jax.lax.dynamic_index_in_dim(masks, n, axis=1, keepdims=False)
-        params, metrics = many(params0, bank, lam, masks_n, dkeys)
+        return many(params0, state["bank"], lam, masks_n, dkeys)
+
+    def post(n, state, params, metrics, active):
+        bank = state["bank"]
         params = constrain(params)
         ok = (
             jnp.isfinite(metrics["loss"])
@@ -328,12 +330,84 @@ def _build_program(
             "history": hist,
         }
 
+    def body(n, state, params0, lam, masks, keys, active):
+        params, metrics = train(n, state, params0, lam, masks, keys)
+        return post(n, state, params, metrics, active)
+
     def loop(state, start, stop, params0, lam, masks, keys, active):
         return jax.lax.fori_loop(
             start, stop, lambda n, st: body(n, st, params0, lam, masks, keys, active), state
         )
 
+    loop.post = post  # type: ignore[attr-defined]
     return init_state, loop
+
+
+def _python_chains(
+    run: Callable[..., Any],
+    *,
+    mode: str,
+    shuffle: str,
+    post: Callable[..., Any],
+    compiler: Callable[..., Any],
+) -> Callable[..., dict[str, Any]]:
+    """``advance(state, start, stop, args)``: iterations ``start <= n < stop`` of all chains with
+    the steps looped in Python.
+
+    The same updates as the scan inside :func:`_build_program`, with each (vmapped over chains)
+    update compiled once and called from Python: on XLA:CPU convolutional steps run many times
+    faster this way than inside ``lax.scan`` (see ``docs/cpu_speed.md``).
+    """
+    bank_axis = 0 if mode == "independent" else None
+    init_v = compiler(jax.vmap(lambda p: (p, run.optimizer.init(p))))
+    finish_v = compiler(jax.vmap(run.finish, in_axes=(0, bank_axis, 0, 0, 0)))
+    fold_v = compiler(jax.vmap(jax.random.fold_in, (0, None)))
+    if not run.minibatch:
+        step_v = compiler(
+            jax.vmap(lambda c, b, l, m: run.step(c, None, b, l, m), in_axes=(0, bank_axis, 0, 0))
+        )
+    else:
+        bsz, nb, data = run.batch_size, run.num_batches, run.data
+        n_examples = int(np.shape(jax.tree_util.tree_leaves(data)[0])[0])
+
+        def batch_step(c, perm, b, bank, l, m):
+            idx = jax.lax.dynamic_slice_in_dim(perm, b * bsz, bsz)
+            batch = jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), data)
+            return run.step(c, batch, bank, l, m)
+
+        step_v = compiler(jax.vmap(batch_step, in_axes=(0, 0, None, bank_axis, 0, 0)))
+        epoch_keys = compiler(jax.vmap(lambda k: jax.random.split(k, run.epochs)))
+        permute_v = compiler(jax.vmap(lambda k: jax.random.permutation(k, n_examples)))
+    post_j = compiler(post)
+
+    def advance(state, start, stop, args):
+        params0, lam, masks, keys, active = args
+        for n in range(start, stop):
+            bank, mask_n = state["bank"], masks[:, n]
+            dkeys = keys if shuffle == "same" else fold_v(keys, n)
+            carry = init_v(params0)
+            if not run.minibatch:
+                losses = []
+                for _ in range(run.steps):
+                    carry, loss = step_v(carry, bank, lam, mask_n)
+                    losses.append(loss)
+                curve = jnp.stack(losses, axis=1)[:, :: run.log_every]
+            else:
+                ekeys = epoch_keys(dkeys)
+                curve = []
+                for e in range(run.epochs):
+                    perm = permute_v(ekeys[:, e])
+                    losses = []
+                    for b in range(nb):
+                        carry, loss = step_v(carry, perm, b, bank, lam, mask_n)
+                        losses.append(loss)
+                    curve.append(jnp.mean(jnp.stack(losses, axis=1), axis=1))
+                curve = jnp.stack(curve, axis=1)
+            metrics = finish_v(carry[0], bank, lam, mask_n, curve)
+            state = post_j(n, state, carry[0], metrics, active)
+        return state
+
+    return advance
 
 
 def _outputs(state: dict[str, Any]) -> tuple[Any, ...]:
@@ -387,6 +461,7 @@ def run_chains(
     log_every: int | None = None,
     push_diverged: bool = False,
     jit: Callable[..., Any] | None = None,
+    loop: str = "auto",
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_keep: int = 2,
 ) -> ChainsResult:
@@ -436,6 +511,10 @@ def run_chains(
       log_every: training-loss recording period (full batch).
       push_diverged: also push runs whose loss or params are not finite (default: never).
       jit: the compiler (default :func:`pnjax._compile.jit`, ``jax.jit`` plus CPU options).
+      loop: ``'scan'`` (all chains and iterations as one compiled program), ``'python'``
+        (a compiled update, vmapped over chains, called from Python: same results, much
+        faster for convolutional models on XLA:CPU) or ``'auto'`` (default: ``'python'`` on a
+        CPU when the loss contains a convolution and no ``mesh`` is given, else ``'scan'``).
       checkpoint_dir: a folder to checkpoint into after every iteration (round); a folder
         holding a checkpoint of the same configuration is resumed from, one of another
         configuration is refused (``ValueError``). The same compiled loop then runs one
@@ -474,11 +553,12 @@ def run_chains(
         log_every=log_every,
         push_diverged=push_diverged,
         jit=jit,
+        loop=loop,
         _stages=checkpoint_dir is not None,
     )
     if checkpoint_dir is None:
         return finish(compiled(*args))
-    init_j, loop_j, masks, cap = stages[0]
+    init_j, advance, masks, cap = stages[0]
     from pnjax import checkpoint as ckpt
 
     keep = int(checkpoint_keep)
@@ -515,7 +595,7 @@ def run_chains(
     if found is not None:
         state, done = found.state, int(found.metadata["done"])
     for n in range(done, int(iterations) + 1):
-        state = loop_j(state, n, n + 1, *args)
+        state = advance(state, n, n + 1, args)
         jax.block_until_ready(state)
         meta = {"fingerprint": fingerprint, "done": n + 1}
         ckpt.save_checkpoint(checkpoint_dir, n + 1, state, meta, keep=keep)
@@ -545,6 +625,7 @@ def prepare_chains(
     log_every: int | None = None,
     push_diverged: bool = False,
     jit: Callable[..., Any] | None = None,
+    loop: str = "auto",
     _stages: bool = False,
 ) -> tuple[Callable[..., Any], tuple[Any, ...], Callable[[Any], ChainsResult]]:
     """:func:`run_chains` split in two: the jitted program, its arguments, and the unpacker.
@@ -637,7 +718,7 @@ def prepare_chains(
         put(pad(keys)),
         put(jnp.asarray(active)),
     )
-    init_state, loop = _build_program(
+    init_state, loop_fn = _build_program(
         run,
         template=template,
         capacity=int(capacity),
@@ -648,17 +729,41 @@ def prepare_chains(
         constrain=constrain,
     )
 
-    def program(*a):
-        return _outputs(loop(init_state(*a), 0, iterations + 1, *a))
-
+    if loop not in ("auto", "scan", "python"):
+        raise ValueError(
+            f"loop must be 'auto', 'scan' (one compiled program) or 'python' (a compiled, "
+            f"vmapped update called from Python: faster for convolutional models on a CPU), "
+            f"got {loop!r}."
+        )
+    if loop == "python" and mesh is not None:
+        raise ValueError("loop='python' does not shard; with mesh=... use loop='scan' or 'auto'.")
+    if loop == "auto":
+        loop = "scan" if mesh is not None else choose_loop(loss_fn, template, data)
     compiler = jit or _compile.jit
-    compiled = compiler(program)
+    if loop == "scan":
+        loop_j = compiler(loop_fn)
+
+        def advance(state, start, stop, a):
+            return loop_j(state, start, stop, *a)
+
+        def program(*a):
+            return _outputs(loop_fn(init_state(*a), 0, iterations + 1, *a))
+
+        compiled = compiler(program)
+    else:
+        advance = _python_chains(
+            run, mode=mode, shuffle=shuffle, post=loop_fn.post, compiler=compiler
+        )
+        init_j = compiler(init_state)
+
+        def compiled(*a):
+            return _outputs(advance(init_j(*a), 0, iterations + 1, a))
 
     def finish(outputs: tuple[Any, ...]) -> ChainsResult:
         return _finish(outputs, c=c, padded=padded, idx=idx, names=names, mode=mode)
 
     if _stages:
-        return compiled, args, finish, (compiler(init_state), compiler(loop), masks, capacity)
+        return compiled, args, finish, (compiler(init_state), advance, masks, capacity)
     return compiled, args, finish
 
 

@@ -387,7 +387,9 @@ def choose_loop(loss_fn: Callable[..., Any], init_params: PyTree, data: PyTree |
         return "scan"
     args = () if data is None else (jax.tree_util.tree_map(lambda x: x[:1], data),)
     try:
-        jaxpr = jax.make_jaxpr(loss_fn)(init_params, *args)
+        # a fresh wrapper: make_jaxpr caches traces per function, which would make the number
+        # of traces of ``loss_fn`` depend on earlier calls
+        jaxpr = jax.make_jaxpr(lambda *a: loss_fn(*a))(init_params, *args)
     except Exception:  # noqa: BLE001 - e.g. a batch of 1 does not fit the model: keep the scan
         return "scan"
     return "python" if _has_convolution(jaxpr) else "scan"

@@ -227,3 +227,34 @@ def test_checkpointed_run_resumes_bit_identical(tmp_path):
             checkpoint_dir=tmp_path,
             **(kw | {"lam": jnp.array([0.2, 0.05, 0.0])}),
         )
+
+
+@pytest.mark.parametrize("mode", ["independent", "population"])
+@pytest.mark.parametrize("form", ["full", "mini"])
+def test_python_loop_equals_scan(mode, form):
+    from conftest import TwoDense
+
+    x = jnp.linspace(-1, 1, 48).reshape(16, 3)
+    y = jnp.sin(3 * x[:, :1])
+    model = TwoDense()
+    inits = jax.vmap(lambda k: model.init(k, x[:1])["params"])(
+        jax.random.split(jax.random.key(0), 3)
+    )
+
+    def loss(p, batch=None):
+        xb, yb = (x, y) if batch is None else batch
+        return jnp.mean((model.apply({"params": p}, xb) - yb) ** 2)
+
+    kw = dict(iterations=2, lam=jnp.array([0.0, 0.05, 0.1]), key=jax.random.key(1), mode=mode)
+    kw |= (
+        dict(steps=20)
+        if form == "full"
+        else dict(data=(x, y), batch_size=4, epochs=2, shuffle="per_iteration")
+    )
+    ref = pnjax.run_chains(inits, loss, optax.adam(1e-2), loop="scan", **kw)
+    got = pnjax.run_chains(inits, loss, optax.adam(1e-2), loop="python", **kw)
+    for k in ("loss", "score", "penalty", "curve", "pushed", "diverged"):
+        np.testing.assert_allclose(got.history[k], ref.history[k], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got.champion_iteration, ref.champion_iteration)
+    with pytest.raises(ValueError, match="loop must be"):
+        pnjax.run_chains(inits, loss, optax.adam(1e-2), loop="while", **kw)
