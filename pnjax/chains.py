@@ -44,7 +44,7 @@ import optax
 
 from pnjax import _compile
 from pnjax.anchors import AnchorBank
-from pnjax.fit import FitResult, choose_loop, make_train_run
+from pnjax.fit import FitResult, choose_loop, make_train_run, python_loop_run
 from pnjax.layers import layer_mask, layer_names
 from pnjax.penalty import check_lam
 
@@ -352,59 +352,24 @@ def _python_chains(
     compiler: Callable[..., Any],
 ) -> Callable[..., dict[str, Any]]:
     """``advance(state, start, stop, args)``: iterations ``start <= n < stop`` of all chains with
-    the steps looped in Python.
+    the steps looped in Python (:func:`pnjax.fit.python_loop_run` over the chain axis).
 
     The same updates as the scan inside :func:`_build_program`, with each (vmapped over chains)
     update compiled once and called from Python: on XLA:CPU convolutional steps run many times
     faster this way than inside ``lax.scan`` (see ``docs/cpu_speed.md``).
     """
-    bank_axis = 0 if mode == "independent" else None
-    init_v = compiler(jax.vmap(lambda p: (p, run.optimizer.init(p))))
-    finish_v = compiler(jax.vmap(run.finish, in_axes=(0, bank_axis, 0, 0, 0)))
+    train = python_loop_run(
+        run, compiler, chains=True, bank_axis=0 if mode == "independent" else None
+    )
     fold_v = compiler(jax.vmap(jax.random.fold_in, (0, None)))
-    if not run.minibatch:
-        step_v = compiler(
-            jax.vmap(lambda c, b, l, m: run.step(c, None, b, l, m), in_axes=(0, bank_axis, 0, 0))
-        )
-    else:
-        bsz, nb, data = run.batch_size, run.num_batches, run.data
-        n_examples = int(np.shape(jax.tree_util.tree_leaves(data)[0])[0])
-
-        def batch_step(c, perm, b, bank, l, m):
-            idx = jax.lax.dynamic_slice_in_dim(perm, b * bsz, bsz)
-            batch = jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), data)
-            return run.step(c, batch, bank, l, m)
-
-        step_v = compiler(jax.vmap(batch_step, in_axes=(0, 0, None, bank_axis, 0, 0)))
-        epoch_keys = compiler(jax.vmap(lambda k: jax.random.split(k, run.epochs)))
-        permute_v = compiler(jax.vmap(lambda k: jax.random.permutation(k, n_examples)))
     post_j = compiler(post)
 
     def advance(state, start, stop, args):
         params0, lam, masks, keys, active = args
         for n in range(start, stop):
-            bank, mask_n = state["bank"], masks[:, n]
             dkeys = keys if shuffle == "same" else fold_v(keys, n)
-            carry = init_v(params0)
-            if not run.minibatch:
-                losses = []
-                for _ in range(run.steps):
-                    carry, loss = step_v(carry, bank, lam, mask_n)
-                    losses.append(loss)
-                curve = jnp.stack(losses, axis=1)[:, :: run.log_every]
-            else:
-                ekeys = epoch_keys(dkeys)
-                curve = []
-                for e in range(run.epochs):
-                    perm = permute_v(ekeys[:, e])
-                    losses = []
-                    for b in range(nb):
-                        carry, loss = step_v(carry, perm, b, bank, lam, mask_n)
-                        losses.append(loss)
-                    curve.append(jnp.mean(jnp.stack(losses, axis=1), axis=1))
-                curve = jnp.stack(curve, axis=1)
-            metrics = finish_v(carry[0], bank, lam, mask_n, curve)
-            state = post_j(n, state, carry[0], metrics, active)
+            params, metrics = train(params0, state["bank"], lam, masks[:, n], dkeys)
+            state = post_j(n, state, params, metrics, active)
         return state
 
     return advance

@@ -305,7 +305,13 @@ def make_train_run(
     return run
 
 
-def python_loop_run(run: Callable[..., Any], jit: Callable[..., Any]) -> Callable[..., Any]:
+def python_loop_run(
+    run: Callable[..., Any],
+    jit: Callable[..., Any],
+    *,
+    chains: bool = False,
+    bank_axis: int | None = 0,
+) -> Callable[..., Any]:
     """The run of :func:`make_train_run` driven from Python, one compiled step per update.
 
     Same arguments and results as ``jit(run)``, and the same arithmetic; only the loop over
@@ -318,48 +324,70 @@ def python_loop_run(run: Callable[..., Any], jit: Callable[..., Any]) -> Callabl
     Args:
       run: a function returned by :func:`make_train_run`.
       jit: the compiler of each piece.
+      chains: drive ``jax.vmap(run)`` instead: every argument has a leading chain axis ``[C]``
+        (the bank too, unless ``bank_axis`` is ``None``: one bank shared by all chains).
+      bank_axis: the bank's chain axis with ``chains=True``.
 
     Returns:
       ``run_python(params0, bank, lam, mask, key) -> (params, metrics)``.
     """
-    init = jit(lambda p: (p, run.optimizer.init(p)))  # type: ignore[attr-defined]
-    finish = jit(run.finish)  # type: ignore[attr-defined]
-    if not run.minibatch:  # type: ignore[attr-defined]
-        step = jit(lambda c, bank, lam, mask: run.step(c, None, bank, lam, mask))  # type: ignore[attr-defined]
+    r: Any = run
+    if chains:
+
+        def vec(f, in_axes):
+            return jax.vmap(f, in_axes=in_axes)
+
+        axis = 1
+    else:
+
+        def vec(f, in_axes):
+            return f
+
+        axis = 0
+    init = jit(vec(lambda p: (p, r.optimizer.init(p)), 0))
+    finish = jit(vec(r.finish, (0, bank_axis, 0, 0, 0)))
+    if not r.minibatch:
+        step = jit(
+            vec(lambda c, bank, lam, mask: r.step(c, None, bank, lam, mask), (0, bank_axis, 0, 0))
+        )
 
         def run_python(params0, bank, lam, mask, key):
             carry = init(params0)
             losses = []
-            for _ in range(run.steps):  # type: ignore[attr-defined]
+            for _ in range(r.steps):
                 carry, loss = step(carry, bank, lam, mask)
                 losses.append(loss)
-            curve = jnp.stack(losses)[:: run.log_every]  # type: ignore[attr-defined]
+            curve = jnp.stack(losses, axis=axis)[
+                (slice(None),) * axis + (slice(None, None, r.log_every),)
+            ]
             return carry[0], finish(carry[0], bank, lam, mask, curve)
 
         return run_python
 
-    bsz, nb = run.batch_size, run.num_batches  # type: ignore[attr-defined]
+    bsz, nb, data = r.batch_size, r.num_batches, r.data
+    n_examples = int(np.shape(jax.tree_util.tree_leaves(data)[0])[0])
 
-    def batch_step(c, data, perm, b, bank, lam, mask):
+    def batch_step(c, perm, b, bank, lam, mask):
         idx = jax.lax.dynamic_slice_in_dim(perm, b * bsz, bsz)
         batch = jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), data)
-        return run.step(c, batch, bank, lam, mask)  # type: ignore[attr-defined]
+        return r.step(c, batch, bank, lam, mask)
 
-    step = jit(batch_step)
-    n_examples = int(np.shape(jax.tree_util.tree_leaves(run.data)[0])[0])  # type: ignore[attr-defined]
-    permute = jit(lambda k: jax.random.permutation(k, n_examples))
+    step = jit(vec(batch_step, (0, 0, None, bank_axis, 0, 0)))
+    permute = jit(vec(lambda k: jax.random.permutation(k, n_examples), 0))
+    epoch_keys = jit(vec(lambda k: jax.random.split(k, r.epochs), 0))
 
     def run_python(params0, bank, lam, mask, key):
         carry = init(params0)
+        ekeys = epoch_keys(key)
         curve = []
-        for ekey in jax.random.split(key, run.epochs):  # type: ignore[attr-defined]
-            perm = permute(ekey)
+        for e in range(r.epochs):
+            perm = permute(ekeys[:, e] if chains else ekeys[e])
             losses = []
             for b in range(nb):
-                carry, loss = step(carry, run.data, perm, b, bank, lam, mask)  # type: ignore[attr-defined]
+                carry, loss = step(carry, perm, b, bank, lam, mask)
                 losses.append(loss)
-            curve.append(jnp.mean(jnp.stack(losses)))
-        return carry[0], finish(carry[0], bank, lam, mask, jnp.stack(curve))
+            curve.append(jnp.mean(jnp.stack(losses, axis=axis), axis=axis))
+        return carry[0], finish(carry[0], bank, lam, mask, jnp.stack(curve, axis=axis))
 
     return run_python
 
