@@ -173,8 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trains --reinit He-initialized seeds plainly, then from each of the first "
         "--stuck-seeds stuck ones runs 1 plain + --iterations persistent runs, with two "
         "controls (random anchor directions; scaled-down first-layer init). The paper's full "
-        "protocol is the default (100 re-inits, 99 iterations, 50,000 steps): about 20-40 "
-        "minutes on 2 CPU cores. A quick look: --reinit 20 --stuck-seeds 1 --iterations 10.",
+        "protocol is the default (100 re-inits, 99 iterations, 50,000 steps): measured 28 "
+        "minutes on a shared 2-core machine without the controls (--no-controls), about twice "
+        "that with them. A quick look: --reinit 20 --stuck-seeds 1 --iterations 10.",
         epilog=EPILOG,
     )
     common(kink, "pnjax-out/kink")

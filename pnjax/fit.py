@@ -408,7 +408,7 @@ def choose_loop(loss_fn: Callable[..., Any], init_params: PyTree, data: PyTree |
     """``'python'`` on a CPU when the loss contains a convolution, else ``'scan'``.
 
     On XLA:CPU a convolutional update inside ``lax.scan`` runs many times slower than the same
-    compiled update called from Python (LeNet-5, batch 128: about 19x, see
+    compiled update called from Python (LeNet-5, batch 128: about 16x, see
     ``benchmarks/results/driver_loop.json``); small dense models are faster in the scan.
     """
     if jax.default_backend() != "cpu":
