@@ -107,6 +107,9 @@ class FitResult:
       layer_names: the names the ``layer`` indices refer to.
       resumed_from: how many iterations were restored from a checkpoint instead of run
         (0: nothing was restored).
+      champion_state: the model state (e.g. ``{'batch_stats': ...}``) at the end of the
+        championship run, shaped like ``model_state``; the initial ``model_state`` if every
+        iteration diverged; ``None`` when no ``model_state`` was given.
     """
 
     champion: PyTree
@@ -115,6 +118,7 @@ class FitResult:
     bank: AnchorBank
     layer_names: tuple[str, ...] = ()
     resumed_from: int = 0
+    champion_state: PyTree = None
 
     @property
     def diverged_iterations(self) -> tuple[int, ...]:
@@ -148,7 +152,7 @@ class FitResult:
 class _RunParts:
     """A mini-batch run split into pieces (``run = start, epochs_chunk..., finish``)."""
 
-    start: Callable[[PyTree], Any]
+    start: Callable[..., Any]
     epochs_chunk: Callable[..., Any]
     finish: Callable[..., dict[str, jax.Array]]
     epochs: int
@@ -161,6 +165,84 @@ def _check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> i
     return int(value)
 
 
+def _describe(tree: PyTree) -> str:
+    """A short description of a pytree: its structure and leaf shapes/dtypes."""
+    try:
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+    except Exception:  # noqa: BLE001 - only used in error messages
+        return repr(type(tree).__name__)
+    shapes = ", ".join(f"{jnp.result_type(x).name}{list(np.shape(x))}" for x in leaves[:6]) + (
+        ", ..." if len(leaves) > 6 else ""
+    )
+    text = str(treedef)
+    if len(text) > 300:
+        text = text[:300] + "..."
+    return f"{text} with leaves [{shapes}]"
+
+
+def _check_state_output(out: Any, state: PyTree, form: str) -> tuple[Any, PyTree]:
+    """``(loss, new_state)`` from a stateful ``loss_fn``'s output, or a ``ValueError`` saying why not.
+
+    The new state must have ``state``'s tree structure and its leaves' shapes and dtypes: it is
+    the carry of the training loop (``lax.scan``), and the next step's input.
+    """
+    fix = (
+        f"with model_state=..., loss_fn must be {form} -> (loss, new_model_state), the new "
+        "state shaped like model_state (for Flax: `logits, updates = model.apply({'params': "
+        "params, **model_state}, x, train=True, mutable=list(model_state))` then "
+        "`return loss, updates`)."
+    )
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        what = (
+            f"a {type(out).__name__} of length {len(out)}"
+            if isinstance(out, (tuple, list))
+            else f"a single array of shape {list(np.shape(out))} (the loss alone?)"
+            if hasattr(out, "shape")
+            else f"a {type(out).__name__}"
+        )
+        raise ValueError(f"loss_fn returned {what}, not a (loss, new_model_state) pair; {fix}")
+    loss, new = out
+    s_def = jax.tree_util.tree_structure(state)
+    n_def = jax.tree_util.tree_structure(new)
+    same = s_def == n_def
+    if same:
+        for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(new),
+                        strict=True):  # fmt: skip
+            if np.shape(a) != np.shape(b) or jnp.result_type(a) != jnp.result_type(b):
+                same = False
+                break
+    if not same:
+        raise ValueError(
+            f"loss_fn returned a new model state {_describe(new)}, but model_state is "
+            f"{_describe(state)}; the state returned must have the same tree structure, shapes "
+            f"and dtypes (mind dict vs FrozenDict, and returning the whole `updates` dict vs "
+            f"`updates['batch_stats']`); {fix}"
+        )
+    return loss, new
+
+
+def _check_plain_output(out: Any, form: str) -> Any:
+    """The loss from a stateless ``loss_fn``'s output; a ``ValueError`` for a returned pair."""
+    if isinstance(out, (tuple, list)):
+        raise ValueError(
+            f"loss_fn returned a {type(out).__name__} of length {len(out)}, but no model_state "
+            f"was given, so loss_fn must be {form} -> scalar loss. For a model with state (e.g. "
+            "Flax batch_stats) pass model_state=... (has_state=True to make_train_run) and "
+            "write loss_fn(params, model_state[, batch]) -> (loss, new_model_state); otherwise "
+            "return the loss alone."
+        )
+    return out
+
+
+def _finite(tree: PyTree) -> bool:
+    """Whether every inexact leaf of ``tree`` is finite (on the host)."""
+    return all(
+        bool(jnp.all(jnp.isfinite(x)))
+        for x in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    )
+
+
 def make_train_run(
     loss_fn: Callable[..., jax.Array],
     optimizer: optax.GradientTransformation,
@@ -171,6 +253,7 @@ def make_train_run(
     batch_size: int | None = None,
     epochs: int | None = None,
     log_every: int | None = None,
+    has_state: bool = False,
 ) -> Callable[..., tuple[PyTree, dict[str, jax.Array]]]:
     """Builds one persistent training run as a pure function (not yet jitted).
 
@@ -183,20 +266,45 @@ def make_train_run(
     batch)``, ``data`` a pytree of arrays with a leading example axis, ``epochs`` passes over it in
     shuffled batches of ``batch_size`` (the remainder is dropped; order from ``key``).
 
+    With ``has_state=True`` the model also carries a state ``s`` that is not trained by
+    gradient (e.g. Flax ``batch_stats``): ``loss_fn(params, s) -> (loss, s')`` (full batch) or
+    ``loss_fn(params, s, batch) -> (loss, s')``, and the run is
+    ``run(params0, bank, lam, mask, key, state0) -> ((params, state), metrics)``. Each step is
+
+        (L(θ_t, s_t), s_{t+1}), g = value_and_grad(loss_fn, has_aux=True)(θ_t, s_t),
+        θ_{t+1} = θ_t + optimizer(g + ∇P(θ_t)),
+
+    so the state is threaded through the steps, never differentiated and never penalized. The
+    final ``loss`` and ``score`` use the final state (the state ``loss_fn`` returns there is
+    discarded), and ``score_fn(params, state) -> scalar``.
+
     Args:
       loss_fn: the training loss.
       optimizer: any Optax transformation.
       steps: number of full-batch updates.
-      score_fn: ``score_fn(params) -> scalar``, lower is better. Defaults to the loss (over the
-        whole ``data`` in the mini-batch form).
+      score_fn: ``score_fn(params) -> scalar`` (``score_fn(params, state)`` with
+        ``has_state``), lower is better. Defaults to the loss (over the whole ``data`` in the
+        mini-batch form).
       data, batch_size, epochs: the mini-batch form.
       log_every: record the training loss every this many steps (full batch; default
         ``max(1, steps // 200)``).
+      has_state: the model carries a state, see above.
 
     Returns:
-      The pure function ``run``; jit it with the bank, λ, mask and key as arguments.
+      The pure function ``run``; jit it with the bank, λ, mask and key (and ``state0``) as
+      arguments.
+
+    Raises:
+      ValueError: bad ``steps``, ``epochs``, ``batch_size`` or ``data``; when traced, a
+        ``loss_fn`` whose output does not fit ``has_state`` (a pair without ``has_state``; not
+        a ``(loss, state)`` pair shaped like ``state0`` with it).
     """
     minibatch = data is not None
+    form = (
+        "loss_fn(params"
+        + (", model_state" if has_state else "")
+        + (", batch)" if minibatch else ")")
+    )
     if minibatch:
         epochs = _check_positive_int("epochs", epochs)
         batch_size = _check_positive_int("batch_size", batch_size)
@@ -224,32 +332,45 @@ def make_train_run(
             else _check_positive_int("log_every", log_every)
         )
 
-    def plain_loss(params: PyTree) -> jax.Array:
+    def loss_and_state(params: PyTree, state: PyTree, batch: PyTree) -> tuple[Any, PyTree]:
+        """``(loss, new_state)`` (``new_state`` is ``None`` without ``has_state``)."""
+        args = ((state,) if has_state else ()) + (() if batch is None else (batch,))
+        out = loss_fn(params, *args)
+        if has_state:
+            return _check_state_output(out, state, form)
+        return _check_plain_output(out, form), None
+
+    def plain_loss(params: PyTree, state: PyTree = None) -> jax.Array:
         if not minibatch:
-            return loss_fn(params)
+            return loss_and_state(params, state, None)[0]
 
         def body(total, b):
             batch = jax.tree_util.tree_map(
                 lambda x: jax.lax.dynamic_slice_in_dim(x, b * batch_size, batch_size), data
             )
-            return total + loss_fn(params, batch), None
+            return total + loss_and_state(params, state, batch)[0], None
 
         total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(num_batches))
         return total / num_batches
 
     def update(carry, batch, bank, lam, mask):
-        params, opt_state = carry
-        args = () if batch is None else (batch,)
-        loss, grads = jax.value_and_grad(loss_fn)(params, *args)
+        """One step; ``carry = (params, opt_state, state)`` (``state`` ``None`` without one)."""
+        params, opt_state, state = carry
+        (loss, state), grads = jax.value_and_grad(loss_and_state, has_aux=True)(
+            params, state, batch
+        )
         bias = _gradient_unchecked(params, bank, lam, mask)
         grads = jax.tree_util.tree_map(lambda g, b: g + b.astype(g.dtype), grads, bias)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return (params, opt_state), loss
+        return (params, opt_state, state), loss
 
-    def finish(params, bank, lam, mask, curve):
-        loss = plain_loss(params)
-        score = loss if score_fn is None else score_fn(params)
+    def finish(params, bank, lam, mask, curve, state=None):
+        loss = plain_loss(params, state)
+        if score_fn is None:
+            score = loss
+        else:
+            score = score_fn(params, state) if has_state else score_fn(params)
         pen = persistent_penalty(params, bank, lam, mask)
         return {
             "loss": jnp.asarray(loss, jnp.float32),
@@ -270,12 +391,15 @@ def make_train_run(
         return c, jnp.mean(losses)
 
     def epochs_chunk(carry, bank, lam, mask, epoch_keys):
-        """Runs the epochs whose keys are given; ``carry = (params, opt_state)``."""
+        """Runs the epochs whose keys are given; ``carry = (params, opt_state, state)``."""
         return jax.lax.scan(lambda c, k: epoch(c, k, bank, lam, mask), carry, epoch_keys)
 
-    def run(params0, bank, lam, mask, key):
-        opt_state = optimizer.init(params0)
-        carry = (params0, opt_state)
+    def start(params0, state0=None):
+        return (params0, optimizer.init(params0), state0)
+
+    def core(params0, bank, lam, mask, key, state0=None):
+        """``((params, state), metrics)``; ``state`` is ``None`` without ``has_state``."""
+        carry = start(params0, state0)
         if not minibatch:
             carry, losses = jax.lax.scan(
                 lambda c, _: update(c, None, bank, lam, mask), carry, None, length=steps
@@ -283,9 +407,23 @@ def make_train_run(
             curve = losses[::log_every]
         else:
             carry, curve = epochs_chunk(carry, bank, lam, mask, jax.random.split(key, epochs))
-        params = carry[0]
-        return params, finish(params, bank, lam, mask, curve)
+        params, state = carry[0], carry[2]
+        return (params, state), finish(params, bank, lam, mask, curve, state)
 
+    if has_state:
+
+        def run(params0, bank, lam, mask, key, state0):
+            return core(params0, bank, lam, mask, key, state0)
+
+    else:
+
+        def run(params0, bank, lam, mask, key):
+            (params, _), metrics = core(params0, bank, lam, mask, key)
+            return params, metrics
+
+    run.core = core  # type: ignore[attr-defined]
+    run.has_state = has_state  # type: ignore[attr-defined]
+    run.start = start  # type: ignore[attr-defined]
     run.step = update  # type: ignore[attr-defined]
     run.finish = finish  # type: ignore[attr-defined]
     run.minibatch = minibatch  # type: ignore[attr-defined]
@@ -297,7 +435,7 @@ def make_train_run(
     if minibatch:
         # Pieces of the same computation, for runs checkpointed between chunks of epochs.
         run.parts = _RunParts(  # type: ignore[attr-defined]
-            start=lambda params0: (params0, optimizer.init(params0)),
+            start=start,
             epochs_chunk=epochs_chunk,
             finish=finish,
             epochs=epochs,
@@ -329,8 +467,31 @@ def python_loop_run(
       bank_axis: the bank's chain axis with ``chains=True``.
 
     Returns:
-      ``run_python(params0, bank, lam, mask, key) -> (params, metrics)``.
+      ``run_python(params0, bank, lam, mask, key) -> (params, metrics)``, or, for a run made
+      with ``has_state=True``, ``run_python(params0, bank, lam, mask, key, state0) ->
+      ((params, state), metrics)``.
     """
+    core = _python_loop_core(run, jit, chains=chains, bank_axis=bank_axis)
+    if getattr(run, "has_state", False):
+        return core
+
+    def run_python(params0, bank, lam, mask, key):
+        (params, _), metrics = core(params0, bank, lam, mask, key)
+        return params, metrics
+
+    run_python.core = core  # type: ignore[attr-defined]
+    return run_python
+
+
+def _python_loop_core(
+    run: Callable[..., Any],
+    jit: Callable[..., Any],
+    *,
+    chains: bool = False,
+    bank_axis: int | None = 0,
+) -> Callable[..., Any]:
+    """:func:`python_loop_run` in the form of ``run.core``: ``core(params0, bank, lam, mask, key,
+    state0=None) -> ((params, state), metrics)`` (``state`` ``None`` without a model state)."""
     r: Any = run
     if chains:
 
@@ -344,15 +505,15 @@ def python_loop_run(
             return f
 
         axis = 0
-    init = jit(vec(lambda p: (p, r.optimizer.init(p)), 0))
-    finish = jit(vec(r.finish, (0, bank_axis, 0, 0, 0)))
+    init = jit(vec(r.start, (0, 0)))
+    finish = jit(vec(r.finish, (0, bank_axis, 0, 0, 0, 0)))
     if not r.minibatch:
         step = jit(
             vec(lambda c, bank, lam, mask: r.step(c, None, bank, lam, mask), (0, bank_axis, 0, 0))
         )
 
-        def run_python(params0, bank, lam, mask, key):
-            carry = init(params0)
+        def run_python(params0, bank, lam, mask, key, state0=None):
+            carry = init(params0, state0)
             losses = []
             for _ in range(r.steps):
                 carry, loss = step(carry, bank, lam, mask)
@@ -360,7 +521,8 @@ def python_loop_run(
             curve = jnp.stack(losses, axis=axis)[
                 (slice(None),) * axis + (slice(None, None, r.log_every),)
             ]
-            return carry[0], finish(carry[0], bank, lam, mask, curve)
+            params, state = carry[0], carry[2]
+            return (params, state), finish(params, bank, lam, mask, curve, state)
 
         return run_python
 
@@ -376,8 +538,8 @@ def python_loop_run(
     permute = jit(vec(lambda k: jax.random.permutation(k, n_examples), 0))
     epoch_keys = jit(vec(lambda k: jax.random.split(k, r.epochs), 0))
 
-    def run_python(params0, bank, lam, mask, key):
-        carry = init(params0)
+    def run_python(params0, bank, lam, mask, key, state0=None):
+        carry = init(params0, state0)
         ekeys = epoch_keys(key)
         curve = []
         for e in range(r.epochs):
@@ -387,7 +549,8 @@ def python_loop_run(
                 carry, loss = step(carry, perm, b, bank, lam, mask)
                 losses.append(loss)
             curve.append(jnp.mean(jnp.stack(losses, axis=axis), axis=axis))
-        return carry[0], finish(carry[0], bank, lam, mask, jnp.stack(curve, axis=axis))
+        params, state = carry[0], carry[2]
+        return (params, state), finish(params, bank, lam, mask, jnp.stack(curve, axis=axis), state)
 
     return run_python
 
@@ -404,16 +567,24 @@ def _has_convolution(jaxpr: Any) -> bool:
     return False
 
 
-def choose_loop(loss_fn: Callable[..., Any], init_params: PyTree, data: PyTree | None) -> str:
+def choose_loop(
+    loss_fn: Callable[..., Any],
+    init_params: PyTree,
+    data: PyTree | None,
+    model_state: PyTree = None,
+) -> str:
     """``'python'`` on a CPU when the loss contains a convolution, else ``'scan'``.
 
     On XLA:CPU a convolutional update inside ``lax.scan`` runs many times slower than the same
     compiled update called from Python (LeNet-5, batch 128: about 16x, see
     ``benchmarks/results/driver_loop.json``); small dense models are faster in the scan.
+    ``model_state``, when given, is passed to ``loss_fn`` after the params.
     """
     if jax.default_backend() != "cpu":
         return "scan"
-    args = () if data is None else (jax.tree_util.tree_map(lambda x: x[:1], data),)
+    args = () if model_state is None else (model_state,)
+    if data is not None:
+        args += (jax.tree_util.tree_map(lambda x: x[:1], data),)
     try:
         # a fresh wrapper: make_jaxpr caches traces per function, which would make the number
         # of traces of ``loss_fn`` depend on earlier calls
@@ -421,6 +592,13 @@ def choose_loop(loss_fn: Callable[..., Any], init_params: PyTree, data: PyTree |
     except Exception:  # noqa: BLE001 - e.g. a batch of 1 does not fit the model: keep the scan
         return "scan"
     return "python" if _has_convolution(jaxpr) else "scan"
+
+
+def _stack_or_empty(trees: list[PyTree], like: PyTree) -> PyTree:
+    """The trees stacked on a new leading axis, or ``[0, ...]`` arrays shaped like ``like``."""
+    if trees:
+        return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *trees)
+    return jax.tree_util.tree_map(lambda x: np.zeros((0, *np.shape(x)), np.asarray(x).dtype), like)
 
 
 def _layer_schedule(
@@ -478,12 +656,18 @@ def persistent_fit(
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every_epochs: int | None = None,
     checkpoint_keep: int = 2,
+    model_state: PyTree = None,
 ) -> FitResult:
     """Persistent training (Algorithm 1): a plain run, then ``iterations`` persistent runs.
 
     Every run starts from ``init_params`` with a fresh optimizer state. Run ``n`` minimizes
     ``L(θ) + λ Σ_{k<n} Σ_l m_l |Θ_k^l · θ^l| / ||Θ_k^l||²`` (Eq. 4, or Eq. 5 with one layer);
     its converged params become Θ_n. The championship is the run with the lowest finite score.
+
+    Models with a state that is not trained by gradient (Flax ``batch_stats``) pass it as
+    ``model_state``: every run then restarts from ``init_params`` *and* ``model_state``, the
+    state is threaded through the steps by ``loss_fn`` (see :func:`make_train_run`), and the
+    penalty and the bank cover the params only.
 
     Examples:
       >>> import jax.numpy as jnp, optax, pnjax
@@ -496,15 +680,18 @@ def persistent_fit(
     Args:
       init_params: the shared initialization (any pytree of arrays).
       loss_fn: ``loss_fn(params) -> scalar`` (full batch) or ``loss_fn(params, batch)`` (with
-        ``data``).
+        ``data``); with ``model_state``: ``loss_fn(params, state) -> (loss, new_state)`` or
+        ``loss_fn(params, state, batch) -> (loss, new_state)``.
       optimizer: any Optax transformation; re-initialized for every run.
       iterations: N, the number of persistent runs after the plain run.
       lam: λ >= 0.
       steps: updates per run (full-batch form).
       layers: ``None`` (full model, Eq. 4), a layer name or names, or ``'random'`` (partial
         model, Eq. 5: one layer drawn from ``key``).
-      score_fn: ``score_fn(params) -> scalar``, lower is better (e.g. validation error);
-        defaults to the loss.
+      score_fn: ``score_fn(params) -> scalar`` (``score_fn(params, state)`` with
+        ``model_state``: the state at the end of the run), lower is better (e.g. validation
+        error); defaults to the loss (with the final state; the state ``loss_fn`` returns
+        there is discarded).
       key: PRNG key for the random layer and the data order.
       layer_draw: with ``layers='random'``: ``'once'`` (one layer for the whole run, default)
         or ``'per_iteration'`` (a new layer each persistent iteration).
@@ -519,7 +706,8 @@ def persistent_fit(
       callback: called after each run with ``(iteration, info)``; ``info`` holds ``score``,
         ``loss``, ``diverged``, ``champion_iteration`` and the run's final ``params``. On
         resume it is replayed for the restored iterations with ``info['resumed'] = True``
-        (the checkpoint then also keeps every iteration's final params).
+        (the checkpoint then also keeps every iteration's final params). With
+        ``model_state``, ``info`` also holds the run's final ``model_state``.
       jit: the function that compiles the run (default ``pnjax._compile.jit``: ``jax.jit``
         with pnjax's CPU compile options, none on GPU/TPU).
       loop: ``'scan'`` (each run is one compiled program, a ``lax.scan`` over steps),
@@ -538,13 +726,19 @@ def persistent_fit(
         of epochs instead of one program).
       checkpoint_keep: how many checkpoints to keep (default 2, so a corrupt newest one falls
         back to the previous).
+      model_state: the initial model state, any pytree of arrays (e.g. ``{'batch_stats':
+        variables['batch_stats']}``), or ``None`` (default: the model has none). A run counts
+        as diverged also when its final state is not finite. Checkpoints keep the champion's
+        state.
 
     Returns:
-      A :class:`FitResult`.
+      A :class:`FitResult` (``champion_state`` holds the championship run's final state).
 
     Raises:
-      ValueError: bad ``iterations``, ``steps``, ``lam``, ``layers``, ``capacity`` or data, or
-        a ``checkpoint_dir`` holding a run of a different configuration.
+      ValueError: bad ``iterations``, ``steps``, ``lam``, ``layers``, ``capacity`` or data, a
+        ``checkpoint_dir`` holding a run of a different configuration, or a ``loss_fn`` whose
+        output does not fit ``model_state`` (a ``(loss, state)`` pair shaped like
+        ``model_state`` with it, a scalar without it).
 
     References:
       Min, *Persistent Neurons*, arXiv:2007.01419, Algorithm 1.
@@ -594,6 +788,9 @@ def persistent_fit(
             raise ValueError("checkpoint_every_epochs needs checkpoint_dir=... to save into.")
     keep = _check_positive_int("checkpoint_keep", checkpoint_keep)
 
+    has_state = model_state is not None
+    if has_state:
+        model_state = jax.tree_util.tree_map(jnp.asarray, model_state)
     run = make_train_run(
         loss_fn,
         optimizer,
@@ -603,6 +800,7 @@ def persistent_fit(
         batch_size=batch_size,
         epochs=epochs,
         log_every=log_every,
+        has_state=has_state,
     )
     jit = jit or _default_jit()
     if loop not in ("auto", "scan", "python"):
@@ -611,8 +809,8 @@ def persistent_fit(
             f"step called from Python: faster for convolutional models on a CPU), got {loop!r}."
         )
     if loop == "auto":
-        loop = "scan" if every is not None else choose_loop(loss_fn, init_params, data)
-    compiled = jit(run) if loop == "scan" else python_loop_run(run, jit)
+        loop = "scan" if every is not None else choose_loop(loss_fn, init_params, data, model_state)
+    compiled = jit(run.core) if loop == "scan" else _python_loop_core(run, jit)
     chunked = every is not None and every < int(epochs or 0)
     if chunked and loop == "python":
         raise ValueError(
@@ -631,8 +829,10 @@ def persistent_fit(
     diverged: list[bool] = []
     pushed: list[bool] = []
     finals: list[PyTree] = []
+    final_states: list[PyTree] = []
     keep_finals = callback is not None
     champion, champ_it, champ_score = init_params, -1, math.inf
+    champion_state = model_state
     start_n, resumed_from = 0, 0
     partial: tuple[Any, list[np.ndarray], int] | None = None
 
@@ -673,6 +873,9 @@ def persistent_fit(
         fingerprint["optimizer_state"] = ckpt.tree_fingerprint(
             jax.eval_shape(optimizer.init, init_params), values=False
         )
+        if has_state:
+            # only with a state, so checkpoints written without one still resume
+            fingerprint["model_state"] = ckpt.tree_fingerprint(model_state)
 
         def template(meta: dict[str, Any]) -> PyTree:
             ckpt.check_fingerprint(meta.get("fingerprint"), fingerprint, checkpoint_dir)
@@ -685,10 +888,14 @@ def persistent_fit(
                 ),
                 "rng": base_key,
             }
+            if has_state:
+                t["champion_state"] = model_state
             if meta.get("has_finals"):
                 t["finals"] = jax.tree_util.tree_map(np.asarray, init_params)
+                if has_state:
+                    t["final_states"] = jax.tree_util.tree_map(np.asarray, model_state)
             if meta.get("partial_epochs"):
-                t["partial"] = {"carry": parts.start(init_params), "curve": empty}
+                t["partial"] = {"carry": parts.start(init_params, model_state), "curve": empty}
             return t
 
         found = ckpt.restore_checkpoint(checkpoint_dir, like=template)
@@ -703,10 +910,17 @@ def persistent_fit(
             champ_it = int(meta["champion_iteration"])
             champ_score = float(meta["champion_score"])
             champion = st["champion"] if champ_it >= 0 else init_params
+            if has_state:
+                champion_state = st["champion_state"] if champ_it >= 0 else model_state
             start_n = resumed_from = int(meta["done"])
             if "finals" in st:
                 finals = [
                     jax.tree_util.tree_map(lambda a, i=i: a[i], st["finals"])
+                    for i in range(start_n)
+                ]
+            if "final_states" in st:
+                final_states = [
+                    jax.tree_util.tree_map(lambda a, i=i: a[i], st["final_states"])
                     for i in range(start_n)
                 ]
             if "partial" in st:
@@ -720,8 +934,11 @@ def persistent_fit(
                         "diverged": diverged[n],
                         "champion_iteration": _champion_upto(rows["score"], diverged, n),
                         "resumed": True,
+                        "params": finals[n] if finals else None,
                     }
-                    callback(n, info | {"params": finals[n] if finals else None})
+                    if has_state:
+                        info["model_state"] = final_states[n] if final_states else None
+                    callback(n, info)
 
     def save(done: int, carry: Any = None, curve: np.ndarray | None = None, ep: int = 0) -> None:
         if checkpoint_dir is None:
@@ -732,14 +949,12 @@ def persistent_fit(
             "history": history_arrays(),
             "rng": base_key,
         }
+        if has_state:
+            state["champion_state"] = champion_state
         if keep_finals:
-            state["finals"] = (
-                jax.tree_util.tree_map(lambda *xs: np.stack(xs), *finals)
-                if finals
-                else jax.tree_util.tree_map(
-                    lambda x: np.zeros((0, *np.shape(x)), np.asarray(x).dtype), init_params
-                )
-            )
+            state["finals"] = _stack_or_empty(finals, init_params)
+            if has_state:
+                state["final_states"] = _stack_or_empty(final_states, model_state)
         if carry is not None:
             state["partial"] = {"carry": carry, "curve": curve}
         meta = {
@@ -757,14 +972,16 @@ def persistent_fit(
         data_key = base_key if shuffle == "same" else jax.random.fold_in(base_key, n)
         mask_n = jnp.asarray(masks[n])
         if not chunked:
-            params, metrics = compiled(init_params, bank, lam_arr, mask_n, data_key)
+            (params, mstate), metrics = compiled(
+                init_params, bank, lam_arr, mask_n, data_key, model_state
+            )
         else:
             epoch_keys = jax.random.split(data_key, parts.epochs)
             if partial is not None:
                 carry, curve_parts, e0 = partial
                 partial = None
             else:
-                carry, curve_parts, e0 = c_start(init_params), [], 0
+                carry, curve_parts, e0 = c_start(init_params, model_state), [], 0
             while e0 < parts.epochs:
                 e1 = min(e0 + every, parts.epochs)
                 carry, piece = c_chunk(carry, bank, lam_arr, mask_n, epoch_keys[e0:e1])
@@ -772,14 +989,16 @@ def persistent_fit(
                 e0 = e1
                 if e0 < parts.epochs:
                     save(n, carry, np.concatenate(curve_parts), e0)
-            params = carry[0]
+            params, mstate = carry[0], carry[2]
             curve = jnp.asarray(np.concatenate(curve_parts))
-            metrics = c_finish(params, bank, lam_arr, mask_n, curve)
+            metrics = c_finish(params, bank, lam_arr, mask_n, curve, mstate)
         metrics = jax.device_get(metrics)
         score, loss = float(metrics["score"]), float(metrics["loss"])
         bad = not (math.isfinite(loss) and math.isfinite(score))
         if not bad:
             bad = not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(params))
+        if not bad and has_state:
+            bad = not _finite(mstate)
         for k in rows:
             rows[k].append(np.asarray(metrics[k]))
         diverged.append(bad)
@@ -794,12 +1013,18 @@ def persistent_fit(
         pushed.append(do_push)
         if not bad and score < champ_score:
             champion, champ_it, champ_score = params, n, score
+            champion_state = mstate
         if keep_finals:
             finals.append(jax.device_get(params))
+            if has_state:
+                final_states.append(jax.device_get(mstate))
         save(n + 1)
         if callback is not None:
             info = {"score": score, "loss": loss, "diverged": bad, "champion_iteration": champ_it}
-            callback(n, info | {"params": params})
+            info["params"] = params
+            if has_state:
+                info["model_state"] = mstate
+            callback(n, info)
 
     history = history_arrays()
     history["layer"] = layer_idx
@@ -810,4 +1035,5 @@ def persistent_fit(
         bank=bank,
         layer_names=names,
         resumed_from=resumed_from,
+        champion_state=champion_state,
     )
