@@ -44,7 +44,7 @@ import optax
 
 from pnjax import _compile
 from pnjax.anchors import AnchorBank
-from pnjax.fit import FitResult, choose_loop, make_train_run, python_loop_run
+from pnjax.fit import FitResult, _python_loop_core, choose_loop, make_train_run
 from pnjax.layers import layer_mask, layer_names
 from pnjax.penalty import check_lam
 
@@ -70,6 +70,9 @@ class ChainsResult:
         (no chain axis).
       layer_names: the names the ``layer`` indices refer to.
       mode: ``'independent'`` or ``'population'``.
+      champion_state: with ``model_state``: each chain's state at the end of its championship
+        run, every leaf ``[C, ...]`` (its initial state where every iteration diverged);
+        ``None`` without a model state.
     """
 
     champion: PyTree
@@ -78,6 +81,7 @@ class ChainsResult:
     bank: AnchorBank
     layer_names: tuple[str, ...] = ()
     mode: str = "independent"
+    champion_state: PyTree = None
 
     @property
     def num_chains(self) -> int:
@@ -102,10 +106,24 @@ class ChainsResult:
             history={k: v[c] for k, v in self.history.items()},
             bank=bank,
             layer_names=self.layer_names,
+            champion_state=jax.tree_util.tree_map(lambda x: x[c], self.champion_state),
         )
 
 
 # ----------------------------------------------------------------------------- input checks
+
+
+def _check_state_chains(model_state: PyTree, c: int) -> None:
+    """Every leaf of ``model_state`` needs the leading chain axis ``[C, ...]`` of the params."""
+    shapes = [tuple(np.shape(x)) for x in jax.tree_util.tree_leaves(model_state)]
+    bad = [s for s in shapes if len(s) == 0 or s[0] != c]
+    if bad:
+        raise ValueError(
+            f"every leaf of model_state needs the leading chain axis of init_params ({c} "
+            f"chains), got leaf shapes {shapes}; stack the chains' states like their params, or "
+            f"broadcast one with jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, ({c}, "
+            "*x.shape)), state)."
+        )
 
 
 def num_chains(init_params: PyTree) -> int:
@@ -266,14 +284,16 @@ def _build_program(
 ) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """Pure functions of all chains: ``init_state(*args)`` and ``loop(state, start, stop, *args)``.
 
-    ``args = (params0, lam, masks, keys, active)``. The state holds the bank(s), the champions
-    and preallocated history buffers ``[N + 1, C, ...]``; ``loop`` runs iterations
+    ``args = (params0, lam, masks, keys, active, state0)`` (``state0``: the model state
+    ``[C, ...]``, or ``None``). The state holds the bank(s), the champions (and their model
+    states) and preallocated history buffers ``[N + 1, C, ...]``; ``loop`` runs iterations
     ``start <= n < stop`` (dynamic bounds, so one compilation serves a whole run or one
     iteration at a time, which is how checkpointed runs resume between iterations).
     """
-    many = jax.vmap(run, in_axes=(0, 0 if mode == "independent" else None, 0, 0, 0))
+    core: Any = run.core  # type: ignore[attr-defined]
+    many = jax.vmap(core, in_axes=(0, 0 if mode == "independent" else None, 0, 0, 0, 0))
 
-    def init_state(params0, lam, masks, keys, active):
+    def init_state(params0, lam, masks, keys, active, state0=None):
         c = lam.shape[0]
         one = AnchorBank.create(template, capacity)
         if mode == "independent":
@@ -281,7 +301,7 @@ def _build_program(
             bank = constrain(bank)
         else:
             bank = one
-        _, shapes = jax.eval_shape(many, params0, bank, lam, masks[:, 0], keys)
+        _, shapes = jax.eval_shape(many, params0, bank, lam, masks[:, 0], keys, state0)
         hist = {k: jnp.zeros((iterations + 1, *v.shape), v.dtype) for k, v in shapes.items()}
         hist["diverged"] = jnp.zeros((iterations + 1, c), bool)
         hist["pushed"] = jnp.zeros((iterations + 1, c), bool)
@@ -290,15 +310,17 @@ def _build_program(
             "champion": params0,
             "champion_score": jnp.full((c,), jnp.inf, jnp.float32),
             "champion_iteration": jnp.full((c,), -1, jnp.int32),
+            "champion_state": state0,
             "history": hist,
         }
 
-    def train(n, state, params0, lam, masks, keys):
+    def train(n, state, params0, lam, masks, keys, state0=None):
+        """``((params, model_state), metrics)`` of run ``n`` of every chain."""
         dkeys = keys if shuffle == "same" else jax.vmap(jax.random.fold_in, (0, None))(keys, n)
         masks_n = jax.lax.dynamic_index_in_dim(masks, n, axis=1, keepdims=False)
-        return many(params0, state["bank"], lam, masks_n, dkeys)
+        return many(params0, state["bank"], lam, masks_n, dkeys, state0)
 
-    def post(n, state, params, metrics, active):
+    def post(n, state, params, metrics, active, mstate=None):
         bank = state["bank"]
         params = constrain(params)
         ok = (
@@ -306,6 +328,9 @@ def _build_program(
             & jnp.isfinite(metrics["score"])
             & jax.vmap(_all_finite)(params)
         )
+        if mstate is not None:
+            mstate = constrain(mstate)
+            ok = ok & jax.vmap(_all_finite_inexact)(mstate)
         want = (ok | push_diverged) & active
         if mode == "independent":
             push = want & (bank.count < capacity)
@@ -327,16 +352,20 @@ def _build_program(
             "champion": _tree_where_chain(better, params, state["champion"]),
             "champion_score": jnp.where(better, metrics["score"], state["champion_score"]),
             "champion_iteration": jnp.where(better, n, state["champion_iteration"]),
+            "champion_state": _tree_where_chain(better, mstate, state["champion_state"]),
             "history": hist,
         }
 
-    def body(n, state, params0, lam, masks, keys, active):
-        params, metrics = train(n, state, params0, lam, masks, keys)
-        return post(n, state, params, metrics, active)
+    def body(n, state, params0, lam, masks, keys, active, state0):
+        (params, mstate), metrics = train(n, state, params0, lam, masks, keys, state0)
+        return post(n, state, params, metrics, active, mstate)
 
-    def loop(state, start, stop, params0, lam, masks, keys, active):
+    def loop(state, start, stop, params0, lam, masks, keys, active, state0=None):
         return jax.lax.fori_loop(
-            start, stop, lambda n, st: body(n, st, params0, lam, masks, keys, active), state
+            start,
+            stop,
+            lambda n, st: body(n, st, params0, lam, masks, keys, active, state0),
+            state,
         )
 
     loop.post = post  # type: ignore[attr-defined]
@@ -358,27 +387,41 @@ def _python_chains(
     update compiled once and called from Python: on XLA:CPU convolutional steps run many times
     faster this way than inside ``lax.scan`` (see ``docs/cpu_speed.md``).
     """
-    train = python_loop_run(
+    train = _python_loop_core(
         run, compiler, chains=True, bank_axis=0 if mode == "independent" else None
     )
     fold_v = compiler(jax.vmap(jax.random.fold_in, (0, None)))
     post_j = compiler(post)
 
     def advance(state, start, stop, args):
-        params0, lam, masks, keys, active = args
+        params0, lam, masks, keys, active, state0 = args
         for n in range(start, stop):
             dkeys = keys if shuffle == "same" else fold_v(keys, n)
-            params, metrics = train(params0, state["bank"], lam, masks[:, n], dkeys)
-            state = post_j(n, state, params, metrics, active)
+            (params, mstate), metrics = train(
+                params0, state["bank"], lam, masks[:, n], dkeys, state0
+            )
+            state = post_j(n, state, params, metrics, active, mstate)
         return state
 
     return advance
 
 
 def _outputs(state: dict[str, Any]) -> tuple[Any, ...]:
-    """``(champion, champion_iteration, history [C, N + 1, ...], bank)`` from a loop state."""
+    """``(champion, champion_iteration, history [C, N + 1, ...], bank, champion_state)`` from a
+    loop state."""
     hist = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1), state["history"])
-    return state["champion"], state["champion_iteration"], hist, state["bank"]
+    champion_state = state.get("champion_state")
+    return state["champion"], state["champion_iteration"], hist, state["bank"], champion_state
+
+
+def _all_finite_inexact(tree: PyTree) -> jax.Array:
+    """Whether every inexact (float or complex) leaf is finite; ``True`` for none."""
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def _tree_where_chain(cond: jax.Array, a: PyTree, b: PyTree) -> PyTree:
@@ -429,6 +472,7 @@ def run_chains(
     loop: str = "auto",
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_keep: int = 2,
+    model_state: PyTree = None,
 ) -> ChainsResult:
     """Runs ``C`` persistent chains (Algorithm 1 each, or a population) in one compiled program.
 
@@ -452,7 +496,9 @@ def run_chains(
     Args:
       init_params: params pytree whose every leaf has a leading chain axis ``[C, ...]``.
       loss_fn: ``loss_fn(params) -> scalar`` for one chain's params (full batch), or
-        ``loss_fn(params, batch)`` with ``data``.
+        ``loss_fn(params, batch)`` with ``data``; with ``model_state``: ``loss_fn(params,
+        state) -> (loss, new_state)`` or ``loss_fn(params, state, batch) -> (loss,
+        new_state)`` for one chain's params and state.
       optimizer: any Optax transformation; re-initialized for every run of every chain.
       iterations: N, persistent runs (rounds, in population mode) after the plain one.
       lam: λ >= 0, a scalar or a ``[C]`` array (one λ per chain).
@@ -460,7 +506,9 @@ def run_chains(
       layers: ``None`` (every layer, Eq. 4), a layer name or a tuple of names, ``'random'`` (a
         layer drawn from each chain's key, see ``layer_draw``), a **list** with one such choice
         per chain, or an int array ``[C]`` / ``[C, N + 1]`` of layer indices (-1: every layer).
-      score_fn: ``score_fn(params) -> scalar``, lower is better (validation); default: the loss.
+      score_fn: ``score_fn(params) -> scalar`` (``score_fn(params, state)`` with
+        ``model_state``), lower is better (validation); default: the loss (with the run's
+        final state).
       key: one PRNG key (split into ``C`` chain keys) or a batch ``[C]`` of keys; chain ``c``'s
         key draws its random layers and its mini-batch order exactly as ``persistent_fit(...,
         key=keys[c])`` does.
@@ -485,13 +533,20 @@ def run_chains(
         configuration is refused (``ValueError``). The same compiled loop then runs one
         iteration per call, so a resumed run equals an uninterrupted one bit for bit on CPU.
       checkpoint_keep: how many checkpoints to keep (default 2).
+      model_state: the chains' initial model states (e.g. Flax ``batch_stats``), every leaf
+        ``[C, ...]`` like ``init_params``, or ``None`` (no state). Every run of chain ``c``
+        restarts from ``init_params[c]`` and ``model_state[c]``; the state is threaded
+        through the steps by ``loss_fn`` and never penalized or pushed (see
+        :func:`pnjax.persistent_fit`).
 
     Returns:
-      A :class:`ChainsResult`.
+      A :class:`ChainsResult` (``champion_state``: each chain's championship state).
 
     Raises:
       ValueError: leading axes that disagree, ``lam`` or ``key`` of the wrong length, an unknown
-        ``mode``, ``layers``, ``shuffle`` or ``layer_draw``, a bad ``capacity``, steps or data.
+        ``mode``, ``layers``, ``shuffle`` or ``layer_draw``, a bad ``capacity``, steps or data,
+        a ``model_state`` without the chain axis, or a ``loss_fn`` whose output does not fit
+        ``model_state``.
 
     References:
       Min, *Persistent Neurons*, arXiv:2007.01419, Algorithm 1.
@@ -519,6 +574,7 @@ def run_chains(
         push_diverged=push_diverged,
         jit=jit,
         loop=loop,
+        model_state=model_state,
         _stages=checkpoint_dir is not None,
     )
     if checkpoint_dir is None:
@@ -529,6 +585,8 @@ def run_chains(
     keep = int(checkpoint_keep)
     if keep < 1:
         raise ValueError(f"checkpoint_keep must be an int >= 1, got {checkpoint_keep!r}.")
+    has_state = model_state is not None
+    extra = {"model_state": args[5]} if has_state else {}  # only with a state: old ones resume
     fingerprint = ckpt.config_fingerprint(
         {
             "driver": "run_chains",
@@ -548,6 +606,7 @@ def run_chains(
         keys=np.asarray(jax.random.key_data(args[3])),
         data=data,
         layer_masks=np.asarray(masks),
+        **extra,
     )
     state = init_j(*args)
 
@@ -591,6 +650,7 @@ def prepare_chains(
     push_diverged: bool = False,
     jit: Callable[..., Any] | None = None,
     loop: str = "auto",
+    model_state: PyTree = None,
     _stages: bool = False,
 ) -> tuple[Callable[..., Any], tuple[Any, ...], Callable[[Any], ChainsResult]]:
     """:func:`run_chains` split in two: the jitted program, its arguments, and the unpacker.
@@ -623,6 +683,10 @@ def prepare_chains(
     if data is not None and steps is not None:
         raise ValueError("pass either steps (full batch) or data with epochs, not both.")
     c = num_chains(init_params)
+    has_state = model_state is not None
+    if has_state:
+        _check_state_chains(model_state, c)
+        model_state = jax.tree_util.tree_map(jnp.asarray, model_state)
     lams = _chain_lams(lam, c)
     keys = _chain_keys(key, c)
     template = jax.tree_util.tree_map(lambda x: jnp.zeros(np.shape(x)[1:], x.dtype), init_params)
@@ -648,6 +712,7 @@ def prepare_chains(
         batch_size=batch_size,
         epochs=epochs,
         log_every=log_every,
+        has_state=has_state,
     )
 
     # Padding to a multiple of the device count (sharded runs); padded chains are inactive.
@@ -682,6 +747,7 @@ def prepare_chains(
         put(pad(masks)),
         put(pad(keys)),
         put(jnp.asarray(active)),
+        jax.tree_util.tree_map(lambda x: put(pad(x)), model_state),
     )
     init_state, loop_fn = _build_program(
         run,
@@ -703,7 +769,8 @@ def prepare_chains(
     if loop == "python" and mesh is not None:
         raise ValueError("loop='python' does not shard; with mesh=... use loop='scan' or 'auto'.")
     if loop == "auto":
-        loop = "scan" if mesh is not None else choose_loop(loss_fn, template, data)
+        state_template = jax.tree_util.tree_map(lambda x: x[0], model_state)
+        loop = "scan" if mesh is not None else choose_loop(loss_fn, template, data, state_template)
     compiler = jit or _compile.jit
     if loop == "scan":
         loop_j = compiler(loop_fn)
@@ -741,7 +808,7 @@ def _finish(
     names: tuple[str, ...],
     mode: str,
 ) -> ChainsResult:
-    champ, champ_it, hist, bank = outputs
+    champ, champ_it, hist, bank, champ_state = outputs
 
     def unpad(x):
         return x[:c] if padded != c else x
@@ -765,4 +832,5 @@ def _finish(
         bank=bank,
         layer_names=names,
         mode=mode,
+        champion_state=jax.tree_util.tree_map(unpad, champ_state),
     )
