@@ -163,6 +163,29 @@ def test_champion_state_is_the_champion_runs_state():
     assert pnjax.FitResult(res.champion, c, res.history, res.bank).champion_state is None
 
 
+@pytest.mark.parametrize("form", ["full", "mini"])
+def test_make_train_run_with_state_scan_equals_python_loop(form):
+    """The stateful run's signature, jitted whole or driven from Python (also over chains)."""
+    params0, state0 = init_variables()
+    kw = dict(steps=STEPS) if form == "full" else dict(data=(X, Y), batch_size=BATCH, epochs=1)
+    run = pnjax.make_train_run(
+        full_loss if form == "full" else batch_loss, OPT(), has_state=True, **kw
+    )
+    bank = pnjax.AnchorBank.create(params0, 2).push(params0)
+    args = (params0, bank, jnp.float32(LAM), jnp.ones(3), jax.random.key(0), state0)
+    (p1, s1), m1 = jax.jit(run)(*args)
+    (p2, s2), m2 = pnjax.fit.python_loop_run(run, jax.jit)(*args)
+    allclose((p1, s1), (p2, s2))
+    for k in ("loss", "score", "penalty", "curve"):
+        np.testing.assert_allclose(m1[k], m2[k], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(m1["loss"], m1["score"])  # default score: the final loss
+    # over a chain axis of 2 (every argument stacked, the bank too)
+    two = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), args)
+    (pc, sc), mc = pnjax.fit.python_loop_run(run, jax.jit, chains=True)(*two)
+    allclose(chain((pc, sc), 1), (p1, s1))
+    np.testing.assert_allclose(mc["loss"][1], m1["loss"], rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- run_chains
 
 C = 2
