@@ -263,3 +263,70 @@ def test_jit_static_args_donation_and_decorator() -> None:
     g = _compile.jit(lambda x: x + 1, compiler_options={"xla_cpu_enable_fast_math": False})
     np.testing.assert_allclose(g(jnp.zeros(2)), jnp.ones(2))
     assert power.__name__ == "power"
+
+
+# ----------------------------------------------------------------------------- dense matmul
+
+
+def test_dense_matmul_same_values_and_derivatives_as_matmul() -> None:
+    from pnjax.models.dense import matmul
+
+    h = jax.random.normal(jax.random.key(0), (7, 5))
+    w = jax.random.normal(jax.random.key(1), (5, 3))
+    ct = jax.random.normal(jax.random.key(2), (7, 3))
+    np.testing.assert_array_equal(matmul(h, w), h @ w)
+
+    def loss(f):  # noqa: ANN001, ANN202
+        return lambda h, w: jnp.vdot(jnp.tanh(f(h, w)), ct)
+
+    fast, ref = loss(matmul), loss(jnp.matmul)
+    g, g_ref = jax.grad(fast, (0, 1))(h, w), jax.grad(ref, (0, 1))(h, w)
+    assert _max_abs(g, g_ref) < 1e-5
+    # forward mode and second order: Hessian-vector products and a full Hessian in w
+    v = jax.random.normal(jax.random.key(3), w.shape)
+    hvp = jax.jvp(lambda w: jax.grad(fast, 1)(h, w), (w,), (v,))[1]
+    hvp_ref = jax.jvp(lambda w: jax.grad(ref, 1)(h, w), (w,), (v,))[1]
+    np.testing.assert_allclose(hvp, hvp_ref, atol=1e-5)
+    np.testing.assert_allclose(jax.hessian(fast, 1)(h, w), jax.hessian(ref, 1)(h, w), atol=1e-5)
+    # vmapped over a leading chain axis of both operands
+    hs, ws = jnp.stack([h, 2 * h]), jnp.stack([w, -w])
+    gv = jax.vmap(jax.grad(fast, 1))(hs, ws)
+    gv_ref = jax.vmap(jax.grad(ref, 1))(hs, ws)
+    np.testing.assert_allclose(gv, gv_ref, atol=1e-5)
+
+
+def test_dense_dot_general_falls_back_outside_the_plain_2d_case() -> None:
+    from jax import lax
+
+    from pnjax.models.dense import dot_general
+
+    x3 = jax.random.normal(jax.random.key(0), (2, 4, 5))
+    w = jax.random.normal(jax.random.key(1), (5, 3))
+    dn = (((2,), (0,)), ((), ()))
+    np.testing.assert_array_equal(dot_general(x3, w, dn), lax.dot_general(x3, w, dn))
+    x2 = x3[0]
+    dn2 = (((1,), (0,)), ((), ()))
+    hi = dot_general(x2, w, dn2, precision=lax.Precision.HIGHEST)
+    np.testing.assert_allclose(hi, lax.dot_general(x2, w, dn2, precision="highest"), rtol=1e-6)
+
+
+def test_kink_mlp_fast_matmul_matches_nn_dense() -> None:
+    from pnjax.models import KinkMLP
+
+    x = jnp.linspace(-2.0, 2.0, 60)[:, None]
+    y = jnp.abs(x)
+    fast, ref = KinkMLP(), KinkMLP(fast_matmul=False)
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = jax.vmap(lambda k: fast.init(k, x)["params"])(keys)
+    params_ref = jax.vmap(lambda k: ref.init(k, x)["params"])(keys)
+    assert jax.tree.structure(params) == jax.tree.structure(params_ref)
+    assert _max_abs(params, params_ref) == 0.0  # same parameter tree and initialization
+
+    def loss(model):  # noqa: ANN001, ANN202
+        return lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+
+    out = jax.vmap(lambda p: fast.apply({"params": p}, x))(params)
+    np.testing.assert_allclose(out, jax.vmap(lambda p: ref.apply({"params": p}, x))(params))
+    g = jax.jit(jax.vmap(jax.grad(loss(fast))))(params)
+    g_ref = jax.jit(jax.vmap(jax.grad(loss(ref))))(params)
+    assert _max_abs(g, g_ref) < 1e-5
