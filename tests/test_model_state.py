@@ -463,3 +463,56 @@ def test_tiny_resnet18_auto_loop_python_equals_scan():
         lambda a, b: float(jnp.max(jnp.abs(a - b))), auto.champion_state, state0
     )
     assert max(jax.tree_util.tree_leaves(moved)) > 1e-4
+
+
+def test_random_restarts_with_state_equals_persistent_fit_of_each_restart():
+    from pnjax.baselines import random_restarts
+
+    def init_fn(k):
+        v = MODEL.init(k, X[:2], train=False)
+        return v["params"], {"batch_stats": v["batch_stats"]}
+
+    key = jax.random.key(3)
+    res = random_restarts(
+        init_fn,
+        full_loss,
+        OPT(),
+        num_restarts=3,
+        steps=STEPS,
+        score_fn=eval_score,
+        key=key,
+        stateful=True,
+    )
+    keys = jax.random.split(key, 3)
+    for r in range(3):
+        p0, s0 = init_fn(keys[r])
+        fit = pnjax.persistent_fit(
+            p0,
+            full_loss,
+            OPT(),
+            iterations=0,
+            lam=0.0,
+            steps=STEPS,
+            score_fn=eval_score,
+            model_state=s0,
+        )
+        np.testing.assert_allclose(res.scores[r], fit.history["score"][0], rtol=1e-4, atol=1e-6)
+        if r == res.champion_index:
+            allclose(res.champion, fit.champion, rtol=1e-4, atol=1e-5)
+            allclose(res.champion_state, fit.champion_state, rtol=1e-4, atol=1e-5)
+    moved = jax.tree_util.tree_map(
+        lambda a, b: float(jnp.max(jnp.abs(a - b))),
+        res.champion_state,
+        init_fn(keys[res.champion_index])[1],
+    )
+    assert max(jax.tree_util.tree_leaves(moved)) > 0  # the running statistics were trained
+    with pytest.raises(ValueError, match="stateful=True"):
+        random_restarts(
+            lambda k: MODEL.init(k, X[:2], train=False)["params"],
+            full_loss,
+            OPT(),
+            num_restarts=2,
+            steps=2,
+            key=key,
+            stateful=True,
+        )

@@ -39,6 +39,8 @@ class RestartsResult:
       curves: ``[R, points]`` training-loss curves.
       params: the trained params of every restart, every leaf ``[R, ...]``.
       init_params: the initializations, every leaf ``[R, ...]``.
+      champion_state: with ``stateful=True``, the champion's model state after training (its
+        initial state if every restart diverged); ``None`` otherwise.
     """
 
     champion: PyTree
@@ -49,6 +51,7 @@ class RestartsResult:
     curves: np.ndarray
     params: PyTree
     init_params: PyTree
+    champion_state: PyTree = None
 
 
 def random_restarts(
@@ -66,6 +69,7 @@ def random_restarts(
     log_every: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
     jit: Callable[..., Any] | None = None,
+    stateful: bool = False,
 ) -> RestartsResult:
     """Trains ``num_restarts`` random initializations at once and keeps the best by score.
 
@@ -80,8 +84,11 @@ def random_restarts(
       ((4,), True)
 
     Args:
-      init_fn: ``init_fn(key) -> params`` for one restart (vmapped over ``R`` keys).
-      loss_fn: ``loss_fn(params)`` (full batch) or ``loss_fn(params, batch)`` (with ``data``).
+      init_fn: ``init_fn(key) -> params`` for one restart (vmapped over ``R`` keys); with
+        ``stateful=True``, ``init_fn(key) -> (params, model_state)``.
+      loss_fn: ``loss_fn(params)`` (full batch) or ``loss_fn(params, batch)`` (with ``data``);
+        with ``stateful=True`` ``loss_fn(params, model_state[, batch]) -> (loss, model_state)``
+        and ``score_fn(params, model_state)``, as in :func:`pnjax.persistent_fit`.
       optimizer: any Optax transformation, fresh for every restart.
       num_restarts: ``R >= 1``.
       steps: updates per restart (full batch).
@@ -92,6 +99,7 @@ def random_restarts(
       log_every: training-loss recording period (full batch).
       mesh: split the restarts over a device mesh, as in :func:`pnjax.run_chains`.
       jit: the compiler (default :func:`pnjax._compile.jit`).
+      stateful: models with state (Flax ``batch_stats``): see ``init_fn`` and ``loss_fn``.
 
     Returns:
       A :class:`RestartsResult`.
@@ -110,6 +118,14 @@ def random_restarts(
         )
     keys = jax.random.split(key, int(num_restarts))
     inits = jax.vmap(init_fn)(keys)
+    states = None
+    if stateful:
+        if not (isinstance(inits, tuple) and len(inits) == 2):
+            raise ValueError(
+                "with stateful=True init_fn(key) must return (params, model_state), got "
+                f"{type(inits).__name__}; return both, or pass stateful=False."
+            )
+        inits, states = inits
     res = run_chains(
         inits,
         loss_fn,
@@ -126,6 +142,7 @@ def random_restarts(
         mesh=mesh,
         push_diverged=True,
         jit=jit,
+        model_state=states,
     )
     h = res.history
     scores, diverged = h["score"][:, 0], h["diverged"][:, 0]
@@ -142,4 +159,7 @@ def random_restarts(
         curves=h["curve"][:, 0],
         params=trained,
         init_params=inits,
+        champion_state=None
+        if states is None
+        else jax.tree_util.tree_map(lambda a: a[max(best, 0)], res.champion_state),
     )
