@@ -21,7 +21,7 @@ class KinkMLP(nn.Module):
       features: widths of the dense layers, the last one being the output width.
       fast_matmul: compute the layers' products with :func:`pnjax.models.dense.dot_general`
         (default): the same values and derivatives as ``nn.Dense``'s, with a weight gradient
-        that XLA:CPU's fast dot kernels accept (about 1.2x faster for 100 vmapped chains). The
+        that XLA:CPU's fast dot kernels accept (1.15x faster for 100 vmapped chains, ``benchmarks/compile_options.py``). The
         parameter tree is ``nn.Dense``'s either way.
     """
 
