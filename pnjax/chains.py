@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pnjax import _compile
+from pnjax import _checks, _compile
 from pnjax.anchors import AnchorBank
 from pnjax.fit import FitResult, _python_loop_core, choose_loop, make_train_run
 from pnjax.layers import layer_mask, layer_names
@@ -73,6 +73,8 @@ class ChainsResult:
       champion_state: with ``model_state``: each chain's state at the end of its championship
         run, every leaf ``[C, ...]`` (its initial state where every iteration diverged);
         ``None`` without a model state.
+      resumed_from: how many iterations (rounds) were restored from a checkpoint instead of
+        run (0: nothing was restored).
     """
 
     champion: PyTree
@@ -82,6 +84,7 @@ class ChainsResult:
     layer_names: tuple[str, ...] = ()
     mode: str = "independent"
     champion_state: PyTree = None
+    resumed_from: int = 0
 
     @property
     def num_chains(self) -> int:
@@ -107,6 +110,7 @@ class ChainsResult:
             bank=bank,
             layer_names=self.layer_names,
             champion_state=jax.tree_util.tree_map(lambda x: x[c], self.champion_state),
+            resumed_from=self.resumed_from,
         )
 
 
@@ -551,6 +555,10 @@ def run_chains(
     References:
       Min, *Persistent Neurons*, arXiv:2007.01419, Algorithm 1.
     """
+    if checkpoint_dir is not None:  # path, ownership, writability and lock, before any tracing
+        from pnjax import checkpoint as ckpt
+
+        folder_lock = ckpt.open_checkpoint_dir(checkpoint_dir)
     compiled, args, finish, *stages = prepare_chains(
         init_params,
         loss_fn,
@@ -580,16 +588,14 @@ def run_chains(
     if checkpoint_dir is None:
         return finish(compiled(*args))
     init_j, advance, masks, cap = stages[0]
-    from pnjax import checkpoint as ckpt
-
     keep = int(checkpoint_keep)
     if keep < 1:
         raise ValueError(f"checkpoint_keep must be an int >= 1, got {checkpoint_keep!r}.")
     has_state = model_state is not None
     extra = {"model_state": args[5]} if has_state else {}  # only with a state: old ones resume
-    fingerprint = ckpt.config_fingerprint(
+    fingerprint = ckpt.driver_fingerprint(
+        "run_chains",
         {
-            "driver": "run_chains",
             "iterations": int(iterations),
             "mode": mode,
             "steps": steps,
@@ -601,6 +607,8 @@ def run_chains(
             "push_diverged": push_diverged,
             "num_args_chains": int(np.shape(args[1])[0]),
         },
+        optimizer=optimizer,
+        params=jax.tree_util.tree_map(lambda x: x[0], init_params),
         init_params=init_params,
         lam=np.asarray(args[1]),
         keys=np.asarray(jax.random.key_data(args[3])),
@@ -618,12 +626,14 @@ def run_chains(
     found = ckpt.restore_checkpoint(checkpoint_dir, like=like)
     if found is not None:
         state, done = found.state, int(found.metadata["done"])
+    if done <= int(iterations):
+        folder_lock.require_writable()
     for n in range(done, int(iterations) + 1):
         state = advance(state, n, n + 1, args)
         jax.block_until_ready(state)
         meta = {"fingerprint": fingerprint, "done": n + 1}
         ckpt.save_checkpoint(checkpoint_dir, n + 1, state, meta, keep=keep)
-    return finish(_outputs(state))
+    return dataclasses.replace(finish(_outputs(state)), resumed_from=done)
 
 
 def prepare_chains(
@@ -690,6 +700,8 @@ def prepare_chains(
     lams = _chain_lams(lam, c)
     keys = _chain_keys(key, c)
     template = jax.tree_util.tree_map(lambda x: jnp.zeros(np.shape(x)[1:], x.dtype), init_params)
+    push_diverged = _checks.check_bool("push_diverged", push_diverged)
+    _checks.check_score_fn(score_fn, template, jax.tree_util.tree_map(lambda x: x[0], model_state))
     names = layer_names(template)
     idx = _layer_schedules(names, layers, layer_draw, iterations, keys, c)
     masks = _masks(idx, len(names))

@@ -1,15 +1,26 @@
-"""Checkpoints of a training loop's state: atomic, last few kept, corruption-checked.
+"""Checkpoints of a training loop's state: atomic, last few kept, verified, owned, locked.
 
 Generic functions over any pytree "loop state" (params, optimizer state, an
 :class:`~pnjax.AnchorBank`, histories, typed PRNG keys...) plus a JSON metadata dict. Storage is
 `orbax-checkpoint <https://orbax.readthedocs.io>`_ (imported lazily, only when a checkpoint is
 written or read, so ``import pnjax`` stays light): one numbered *step* folder per save, written
-to a temporary folder and renamed when complete (a save killed half-way leaves no step), the last
-``keep`` steps kept.
+under a temporary name and renamed when complete (a save killed half-way leaves no step), the
+last ``keep`` steps kept.
 
-Every leaf's shape, dtype and SHA-256 are stored in the metadata, so a step whose files were
-truncated or garbled after the fact is detected on restore; :func:`restore_checkpoint` then
-warns, moves the bad step aside (``corrupt-<step>``) and falls back to the previous good one.
+What pnjax promises about a checkpoint folder (see ``docs/long_runs.md``):
+
+- **It only deletes or renames what it wrote.** Every step folder pnjax writes holds a marker
+  file, ``pnjax-step.json``; only marked step folders (and pnjax's own temporary folders) are
+  ever deleted or moved aside. A folder holding digit-named entries that pnjax did not write is
+  refused (:class:`CheckpointFolderError`); other foreign entries are left alone, with a warning.
+- **It verifies everything a resume reads.** The marker holds the SHA-256 of the step's
+  metadata JSON, and the metadata holds every leaf's shape, dtype and SHA-256, so a step whose
+  files were truncated or garbled after the fact is detected on restore:
+  :func:`restore_checkpoint` then warns, moves the bad step aside (``corrupt-<step>``; left in
+  place when the folder cannot be written) and falls back to the previous good one.
+- **One writer at a time.** A writer holds ``pnjax.lock`` (an ``flock`` on a file holding its
+  pid); a second process is refused with :class:`CheckpointLockedError`. The lock of a process
+  that died is taken over.
 
 A loop that wants to resume::
 
@@ -22,17 +33,26 @@ A loop that wants to resume::
         ckpt.save_checkpoint(folder, i + 1, state, {"next": i + 1, "fingerprint": fp})
 
 :func:`config_fingerprint` / :func:`check_fingerprint` refuse to resume a checkpoint written by a
-different configuration.
+different configuration; :func:`driver_fingerprint` is the one both pnjax drivers use.
+:func:`open_checkpoint_dir` checks a folder (path, ownership, writability) and locks it before
+any training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
+import re
+import shutil
+import socket
+import time
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,16 +61,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+try:  # POSIX advisory locks; elsewhere the lock falls back to the pid in the file
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
 PyTree = Any
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+STEP_MARK = "pnjax-step.json"
+LOCK_NAME = "pnjax.lock"
+_WRITER = "pnjax"
+# pnjax's own leftovers: a step being written (``5.pnjax-tmp``, and orbax's temporary folder
+# for it), a step being replaced (``5.pnjax-old``)
+_OWN_TEMP = re.compile(r"^\d+\.pnjax-(tmp|old)(\..*)?$")
+_CORRUPT = re.compile(r"^corrupt-\d+(-\d+)?$")
 
 __all__ = [
     "Checkpoint",
     "CheckpointCorruptError",
+    "CheckpointFolderError",
+    "CheckpointLockedError",
+    "FolderLock",
     "check_fingerprint",
     "checkpoint_steps",
     "config_fingerprint",
+    "driver_fingerprint",
     "fingerprint_differences",
+    "foreign_entries",
+    "open_checkpoint_dir",
     "restore_checkpoint",
     "save_checkpoint",
     "tree_fingerprint",
@@ -59,6 +97,15 @@ __all__ = [
 
 class CheckpointCorruptError(RuntimeError):
     """A checkpoint step could not be read back or failed its checksums."""
+
+
+class CheckpointFolderError(ValueError):
+    """A checkpoint folder that cannot be used: a bad path, not writable, or holding folders
+    that pnjax did not write where it numbers its steps."""
+
+
+class CheckpointLockedError(RuntimeError):
+    """Another live process holds the checkpoint folder's lock."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,38 +155,325 @@ def _to_numpy(leaf: Any, where: str) -> tuple[np.ndarray, dict[str, Any]]:
     return arr, info
 
 
-def _manager(directory: Path, keep: int | None, *, read_only: bool = False) -> Any:
+def _checkpointer() -> Any:
     import orbax.checkpoint as ocp
 
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
-        enable_async_checkpointing=False,
-        create=not read_only,
-    )
-    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+# ----------------------------------------------------------------------------- the folder
 
 
 def _check_dir(directory: str | os.PathLike[str]) -> Path:
+    """The folder as an absolute path; refuses ``''``, a file, and a path under a file."""
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(
             f"checkpoint directory must be a str or path, got {type(directory).__name__}."
         )
-    path = Path(directory).expanduser().absolute()
+    text = os.fspath(directory)
+    if not isinstance(text, str) or not text.strip() or "\0" in text:
+        raise CheckpointFolderError(
+            f"checkpoint directory must name a folder, got {text!r}; an empty path would mean "
+            "the current directory. Pass a folder of its own, e.g. 'runs/exp1'."
+        )
+    path = Path(text).expanduser().absolute()
     if path.exists() and not path.is_dir():
-        raise ValueError(f"checkpoint directory {str(path)!r} is a file; pass a folder path.")
+        raise CheckpointFolderError(
+            f"checkpoint directory {str(path)!r} is a file; pass a folder path."
+        )
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointFolderError(
+                    f"checkpoint directory {str(path)!r} is under {str(parent)!r}, which is a "
+                    "file, not a folder; pass a folder path."
+                )
+            break
     return path
 
 
-def checkpoint_steps(directory: str | os.PathLike[str]) -> list[int]:
-    """The complete (committed) steps in ``directory``, ascending; ``[]`` if none or no folder."""
+def _is_own_step(child: Path) -> bool:
+    return child.name.isdigit() and child.is_dir() and (child / STEP_MARK).is_file()
+
+
+def _is_own(child: Path) -> bool:
+    name = child.name
+    if name == LOCK_NAME:
+        return True
+    if name.isdigit() or _CORRUPT.match(name):
+        return child.is_dir() and (child / STEP_MARK).is_file()
+    return bool(_OWN_TEMP.match(name)) and child.is_dir()
+
+
+def foreign_entries(directory: str | os.PathLike[str]) -> list[str]:
+    """Names of the entries of ``directory`` that pnjax did not write (sorted; ``[]`` if none).
+
+    pnjax's own entries are marked step folders (they hold ``pnjax-step.json``), marked steps
+    moved aside as ``corrupt-<step>``, the lock file ``pnjax.lock`` and its temporary folders
+    ``<step>.pnjax-tmp*`` / ``<step>.pnjax-old*``.
+    """
     path = _check_dir(directory)
     if not path.is_dir():
         return []
-    steps = []
-    for child in path.iterdir():
-        if child.is_dir() and child.name.isdigit() and (child / "meta").is_dir():
-            steps.append(int(child.name))
-    return sorted(steps)
+    return sorted(c.name for c in path.iterdir() if not _is_own(c))
+
+
+def _check_foreign(path: Path) -> None:
+    """Refuses digit-named entries pnjax did not write; warns about other foreign entries."""
+    if not path.is_dir():
+        return
+    foreign = foreign_entries(path)
+    numbered = [n for n in foreign if n.split(".")[0].isdigit()]
+    if numbered:
+        shown = ", ".join(repr(n) for n in numbered[:8]) + (", ..." if len(numbered) > 8 else "")
+        raise CheckpointFolderError(
+            f"checkpoint folder {str(path)!r} holds {len(numbered)} numbered entr"
+            f"{'y' if len(numbered) == 1 else 'ies'} that pnjax did not write ({shown}); pnjax "
+            "names its step folders by number and never deletes or renames what it did not write "
+            "(steps written before pnjax marked them are not recognized either). Use an empty "
+            "or new folder for checkpoints."
+        )
+    if foreign:
+        shown = ", ".join(repr(n) for n in foreign[:8]) + (", ..." if len(foreign) > 8 else "")
+        warnings.warn(
+            f"checkpoint folder {str(path)!r} also holds entries pnjax did not write ({shown}); "
+            "they are left alone, but a folder of its own for checkpoints is safer.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _make_folder(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointFolderError(
+            f"cannot create checkpoint folder {str(path)!r} ({e.strerror or e}); pass a folder "
+            "that can be created and written."
+        ) from None
+
+
+# ----------------------------------------------------------------------------- the lock
+
+_HELD: dict[str, weakref.ReferenceType[FolderLock]] = {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _read_owner(lock: Path) -> dict[str, Any]:
+    try:
+        owner = json.loads(lock.read_text())
+        return owner if isinstance(owner, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _locked_message(path: Path, owner: Mapping[str, Any]) -> str:
+    who = f"pid {owner.get('pid', '?')}"
+    if owner.get("host") and owner.get("host") != socket.gethostname():
+        who += f" on {owner['host']}"
+    if isinstance(owner.get("time"), (int, float)):
+        who += ", since " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner["time"]))
+    return (
+        f"checkpoint folder {str(path)!r} is in use by another pnjax process ({who}); two "
+        "writers would overwrite each other's checkpoints. Wait for it to finish or stop it, or "
+        f"use another folder (if no such process runs, delete {str(path / LOCK_NAME)!r})."
+    )
+
+
+class FolderLock:
+    """The write lock of a checkpoint folder, held by this process.
+
+    Get one with :func:`open_checkpoint_dir`. The lock file ``pnjax.lock`` holds the owner's pid,
+    host and start time; the lock itself is an ``flock`` on it, so it is released by the
+    operating system when the process dies, and a later writer takes a stale lock over. Within
+    one process the lock is re-entrant (a driver holding it may call :func:`save_checkpoint`).
+    It is released by :meth:`release`, at the end of a ``with`` block, or when the last
+    reference to it goes away.
+
+    Attributes:
+      path: the folder.
+      writable: whether the folder could be written (a read-only folder gets an unlocked
+        ``FolderLock`` with ``writable=False``: it can be read, not written).
+      reason: why it cannot be written (``''`` when it can).
+    """
+
+    def __init__(self, path: Path, fd: int | None, writable: bool, reason: str = "") -> None:
+        self.path, self._fd, self.writable, self.reason = path, fd, writable, reason
+
+    def release(self) -> None:
+        """Releases the lock (removes the lock file); a no-op if not held."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        key = str(self.path)
+        if key in _HELD and _HELD[key]() in (self, None):
+            del _HELD[key]
+        with contextlib.suppress(OSError):
+            os.unlink(self.path / LOCK_NAME)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    def require_writable(self, why: str = "this run has work left to checkpoint") -> None:
+        """Raises :class:`CheckpointFolderError` unless the folder can be written."""
+        if not self.writable:
+            raise CheckpointFolderError(
+                f"checkpoint folder {str(self.path)!r} is not writable ({self.reason}) and {why}; "
+                "a finished run can be read back from a read-only folder, but a run that trains "
+                "must save. Pass a writable checkpoint folder (or copy this one somewhere "
+                "writable)."
+            )
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.release()
+
+
+def _try_flock(fd: int) -> bool | None:
+    """``True``: locked; ``False``: held by another process; ``None``: no flock here."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        return None  # e.g. ENOLCK / EOPNOTSUPP on some network file systems
+    return True
+
+
+def _acquire(path: Path) -> FolderLock:
+    lock = path / LOCK_NAME
+    for _ in range(100):
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                return FolderLock(path, None, False, e.strerror or str(e))
+            raise CheckpointFolderError(
+                f"cannot write the lock file {str(lock)!r} ({e.strerror or e}); pass a writable "
+                "checkpoint folder."
+            ) from None
+        got = _try_flock(fd)
+        if got is False:
+            owner = _read_owner(lock)
+            os.close(fd)
+            raise CheckpointLockedError(_locked_message(path, owner))
+        if got is None:  # no advisory locks: trust the pid in the file
+            owner = _read_owner(lock)
+            pid = owner.get("pid")
+            same_host = owner.get("host") in (None, socket.gethostname())
+            if isinstance(pid, int) and pid != os.getpid() and same_host and _pid_alive(pid):
+                os.close(fd)
+                raise CheckpointLockedError(_locked_message(path, owner))
+        try:  # the file may have been removed by a releasing owner between open and flock
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            continue
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(owner).encode(), 0)
+        os.fsync(fd)
+        return FolderLock(path, fd, True)
+    raise CheckpointLockedError(_locked_message(path, _read_owner(lock)))  # pragma: no cover
+
+
+def _lock(path: Path) -> FolderLock:
+    """This process's lock on ``path`` (re-entrant), or an unlocked read-only handle."""
+    ref = _HELD.get(str(path))
+    held = ref() if ref is not None else None
+    if held is not None and held._fd is not None:
+        return held
+    got = _acquire(path)
+    if got.writable:
+        _HELD[str(path)] = weakref.ref(got)
+    return got
+
+
+def open_checkpoint_dir(directory: str | os.PathLike[str]) -> FolderLock:
+    """Checks a checkpoint folder before any training, creates it, and takes its write lock.
+
+    Refuses (before anything is trained) an empty path, a path that is a file or lies under a
+    file, a folder that cannot be created, and a folder holding numbered entries pnjax did not
+    write; warns about other foreign entries; refuses a folder whose lock another live process
+    holds. An existing folder that cannot be written but holds checkpoint steps is returned with
+    ``writable=False`` (it can be read: call :meth:`FolderLock.require_writable` once it is
+    known that the run must save); one that holds none is refused.
+
+    Args:
+      directory: the checkpoint folder.
+
+    Returns:
+      A :class:`FolderLock`; keep a reference while writing (the lock is released when the last
+      reference goes away, or by :meth:`FolderLock.release`).
+
+    Raises:
+      CheckpointFolderError: a bad path, a folder that cannot be created, or foreign numbered
+        entries.
+      CheckpointLockedError: another live process writes this folder.
+    """
+    path = _check_dir(directory)
+    _make_folder(path)
+    _check_foreign(path)
+    lock = _lock(path)
+    if not lock.writable and not checkpoint_steps(path):
+        lock.require_writable("it holds no checkpoint to read back")
+    return lock
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def checkpoint_steps(directory: str | os.PathLike[str]) -> list[int]:
+    """The complete steps pnjax wrote in ``directory``, ascending; ``[]`` if none or no folder.
+
+    Only marked step folders count (they hold ``pnjax-step.json``, written last, before the
+    folder gets its number); other digit-named folders are not steps.
+    """
+    path = _check_dir(directory)
+    if not path.is_dir():
+        return []
+    return sorted(int(c.name) for c in path.iterdir() if _is_own_step(c))
+
+
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _remove_own(child: Path) -> None:
+    """Deletes a folder pnjax wrote (never anything else)."""
+    if _is_own(child) and child.name != LOCK_NAME:
+        shutil.rmtree(child, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -152,8 +486,12 @@ def save_checkpoint(
 ) -> Path:
     """Saves ``state`` and ``metadata`` as step ``step`` of ``directory``, atomically.
 
-    The step is written to a temporary folder and renamed when complete; only the newest
-    ``keep`` steps are kept. A step number that already exists is replaced.
+    The step is written under a temporary name, marked as pnjax's (``pnjax-step.json``, holding
+    the SHA-256 of the step's metadata) and renamed when complete; then only the newest
+    ``keep`` of pnjax's steps are kept. A step number that already exists is replaced. Nothing
+    that pnjax did not write is deleted or renamed; a folder holding numbered entries pnjax did
+    not write is refused. The folder's lock is held during the save (see
+    :func:`open_checkpoint_dir`).
 
     Args:
       directory: the checkpoint folder (created if missing).
@@ -167,7 +505,9 @@ def save_checkpoint(
 
     Raises:
       TypeError: a non-numeric leaf or non-JSON metadata.
-      ValueError: a negative step or ``keep < 1``.
+      ValueError: a negative step or ``keep < 1``; :class:`CheckpointFolderError` for a folder
+        that cannot be used.
+      CheckpointLockedError: another process writes this folder.
     """
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise ValueError(f"step must be an int >= 0, got {step!r}.")
@@ -189,47 +529,83 @@ def save_checkpoint(
             arrays[f"leaf_{i:06d}"] = arr
     if not arrays:  # orbax needs at least one non-empty array
         arrays["_empty"] = np.zeros((1,), np.uint8)
+    step = int(step)
     meta = {
         "format": FORMAT_VERSION,
-        "step": int(step),
+        "step": step,
         "treedef": str(treedef),
         "leaves": infos,
         "metadata": user,
     }
+
+    lock: FolderLock | None = open_checkpoint_dir(path)
+    try:
+        lock.require_writable("a checkpoint is being saved")  # type: ignore[union-attr]
+        return _save_locked(path, step, arrays, meta, int(keep))
+    finally:
+        lock = None  # releases the lock unless a driver holds it
+
+
+def _save_locked(
+    path: Path, step: int, arrays: dict[str, np.ndarray], meta: dict[str, Any], keep: int
+) -> Path:
     import orbax.checkpoint as ocp
 
-    path.mkdir(parents=True, exist_ok=True)
-    mgr = _manager(path, int(keep))
+    final, tmp, old = path / str(step), path / f"{step}.pnjax-tmp", path / f"{step}.pnjax-old"
+    for leftover in path.iterdir():  # a save killed half-way (no other process writes here)
+        if _OWN_TEMP.match(leftover.name):
+            _remove_own(leftover)
+    ckptr = _checkpointer()
     try:
-        if int(step) in mgr.all_steps():
-            mgr.delete(int(step))
-            mgr.reload()
-        mgr.save(
-            int(step),
+        ckptr.save(
+            tmp,
             args=ocp.args.Composite(
                 state=ocp.args.PyTreeSave(arrays), meta=ocp.args.JsonSave(meta)
             ),
-            force=True,
         )
-        mgr.wait_until_finished()
+        if hasattr(ckptr, "wait_until_finished"):
+            ckptr.wait_until_finished()
     finally:
-        mgr.close()
-    return path / str(int(step))
+        ckptr.close()
+    mark = {
+        "writer": _WRITER,
+        "format": FORMAT_VERSION,
+        "step": step,
+        "meta_sha256": _sha256_file(tmp / "meta" / "metadata"),
+    }
+    with open(tmp / STEP_MARK, "w") as f:
+        f.write(json.dumps(mark))
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():  # an own step (foreign numbered entries were refused above)
+        final.rename(old)
+    tmp.rename(final)
+    _fsync_dir(path)
+    _remove_own(old)
+    for s in checkpoint_steps(path)[:-keep]:
+        _remove_own(path / str(s))
+    return final
 
 
 def _read_step(path: Path, step: int) -> tuple[list[Any], dict[str, Any]]:
     """Reads and verifies one step; raises CheckpointCorruptError on any problem."""
     import orbax.checkpoint as ocp
 
+    folder = path / str(step)
     try:
-        meta = json.loads((path / str(step) / "meta" / "metadata").read_text())
+        mark = json.loads((folder / STEP_MARK).read_text())
+        if not isinstance(mark, dict) or mark.get("writer") != _WRITER or mark.get("step") != step:
+            raise ValueError(f"unexpected marker {str(mark)[:100]!r}")
+        if _sha256_file(folder / "meta" / "metadata") != mark.get("meta_sha256"):
+            raise ValueError("the step's metadata fails its checksum")
+        meta = json.loads((folder / "meta" / "metadata").read_text())
         if meta.get("format") != FORMAT_VERSION or meta.get("step") != step:
             raise ValueError(f"unexpected format/step in metadata ({meta.get('format')!r})")
-        mgr = _manager(path, None, read_only=True)
+        ckptr = _checkpointer()
         try:
-            raw = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
+            raw = ckptr.restore(folder, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
         finally:
-            mgr.close()
+            ckptr.close()
         arrays = raw.state
         leaves: list[Any] = []
         for i, info in enumerate(meta["leaves"]):
@@ -252,13 +628,26 @@ def _read_step(path: Path, step: int) -> tuple[list[Any], dict[str, Any]]:
     return leaves, meta
 
 
-def _quarantine(path: Path, step: int) -> Path:
-    target = path / f"corrupt-{step}"
-    n = 0
-    while target.exists():
-        n += 1
-        target = path / f"corrupt-{step}-{n}"
-    (path / str(step)).rename(target)
+def _quarantine(path: Path, step: int) -> Path | None:
+    """Moves an own corrupt step aside; ``None`` when the folder cannot be written or is in use
+    by another process (the step is then left in place)."""
+    try:
+        lock = _lock(path)
+    except (CheckpointLockedError, CheckpointFolderError):
+        return None
+    try:
+        if not lock.writable:
+            return None
+        target = path / f"corrupt-{step}"
+        n = 0
+        while target.exists():
+            n += 1
+            target = path / f"corrupt-{step}-{n}"
+        (path / str(step)).rename(target)
+    except OSError:
+        return None
+    finally:
+        lock = None  # type: ignore[assignment]
     return target
 
 
@@ -271,9 +660,10 @@ def restore_checkpoint(
 ) -> Checkpoint | None:
     """Restores the newest good step of ``directory`` (or ``step``), or ``None`` if none.
 
-    A step that cannot be read or fails its checksums triggers a ``UserWarning`` naming it,
-    is moved aside to ``corrupt-<step>`` (with ``quarantine=True``) and the previous step is
-    tried.
+    Only steps pnjax wrote are read (see :func:`checkpoint_steps`). A step that cannot be read
+    or fails its checksums (its metadata's, or any leaf's) triggers a ``UserWarning`` naming it,
+    is moved aside to ``corrupt-<step>`` (with ``quarantine=True``, when the folder can be
+    written) and the previous step is tried.
 
     Args:
       directory: the checkpoint folder; a missing folder means no checkpoint.
@@ -309,7 +699,13 @@ def restore_checkpoint(
             moved = _quarantine(path, s) if quarantine else None
             warnings.warn(
                 f"checkpoint step {s} in {str(path)!r} is corrupt or half-written ({e}); "
-                + (f"moved it to {moved.name!r} and " if moved else "")
+                + (
+                    f"moved it to {moved.name!r} and "
+                    if moved
+                    else "left it in place (the folder cannot be written now) and "
+                    if quarantine
+                    else ""
+                )
                 + "falling back to the previous step.",
                 UserWarning,
                 stacklevel=2,
@@ -393,6 +789,46 @@ def config_fingerprint(config: Mapping[str, Any], **trees: PyTree) -> dict[str, 
     out = {k: _jsonable(v) for k, v in config.items()}
     for name, tree in trees.items():
         out[name] = None if tree is None else tree_fingerprint(tree)
+    return out
+
+
+def _program_or_none(fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except Exception:  # noqa: BLE001 - an optimizer whose init cannot run here: structure only
+        return None
+
+
+def driver_fingerprint(
+    driver: str,
+    config: Mapping[str, Any],
+    *,
+    optimizer: Any,
+    params: PyTree,
+    **trees: PyTree,
+) -> dict[str, Any]:
+    """The fingerprint :func:`pnjax.persistent_fit` and :func:`pnjax.run_chains` store.
+
+    :func:`config_fingerprint` of ``config`` and ``trees``, plus the driver's name and the
+    optimizer: the structure, shapes and dtypes of its state (``optimizer_state``: Adam and SGD
+    differ) and a hash of the values of its initial state (``optimizer_init``: hyperparameters
+    kept in the state, as with ``optax.inject_hyperparams``, are covered; ones closed over in
+    a function, like ``optax.sgd(lr)``'s ``lr``, cannot be seen).
+
+    Args:
+      driver: the driver's name, e.g. ``'persistent_fit'``.
+      config: plain settings, as for :func:`config_fingerprint`.
+      optimizer: the Optax ``GradientTransformation`` (``init(params)`` is evaluated).
+      params: one model's params (no chain axis), the optimizer's ``init`` argument.
+      **trees: further pytrees, as for :func:`config_fingerprint`.
+
+    Returns:
+      A JSON-ready dict.
+    """
+    out = config_fingerprint({"driver": driver, **config}, **trees)
+    out["optimizer_state"] = tree_fingerprint(jax.eval_shape(optimizer.init, params), values=False)
+    state0 = _program_or_none(optimizer.init, params)
+    out["optimizer_init"] = None if state0 is None else tree_fingerprint(state0)
     return out
 
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from pnjax import _checks
 from pnjax.anchors import AnchorBank
 from pnjax.layers import layer_mask, layer_names
 from pnjax.penalty import _gradient_unchecked, check_lam, persistent_penalty
@@ -306,6 +307,7 @@ def make_train_run(
         + (", batch)" if minibatch else ")")
     )
     if minibatch:
+        _checks.check_data(data)
         epochs = _check_positive_int("epochs", epochs)
         batch_size = _check_positive_int("batch_size", batch_size)
         leaves = jax.tree_util.tree_leaves(data)
@@ -756,6 +758,7 @@ def persistent_fit(
         raise ValueError("batch_size and epochs need data=...; for full-batch training pass steps.")
     if data is not None and steps is not None:
         raise ValueError("pass either steps (full batch) or data with epochs, not both.")
+    push_diverged = _checks.check_bool("push_diverged", push_diverged)
     names = layer_names(init_params)
     capacity = iterations + 1 if capacity is None else capacity
     if isinstance(capacity, (int, np.integer)) and not isinstance(capacity, bool):
@@ -776,6 +779,10 @@ def persistent_fit(
             f"checkpoint_dir must be a folder path (str or os.PathLike), got "
             f"{type(checkpoint_dir).__name__}."
         )
+    if checkpoint_dir is not None:  # path, ownership, writability and lock, before any tracing
+        from pnjax import checkpoint as ckpt
+
+        folder_lock = ckpt.open_checkpoint_dir(checkpoint_dir)
     every = None
     if checkpoint_every_epochs is not None:
         every = _check_positive_int("checkpoint_every_epochs", checkpoint_every_epochs)
@@ -791,6 +798,7 @@ def persistent_fit(
     has_state = model_state is not None
     if has_state:
         model_state = jax.tree_util.tree_map(jnp.asarray, model_state)
+    _checks.check_score_fn(score_fn, init_params, model_state)
     run = make_train_run(
         loss_fn,
         optimizer,
@@ -847,9 +855,8 @@ def persistent_fit(
         }
 
     if checkpoint_dir is not None:
-        from pnjax import checkpoint as ckpt
-
-        fingerprint = ckpt.config_fingerprint(
+        fingerprint = ckpt.driver_fingerprint(
+            "persistent_fit",
             {
                 "iterations": iterations,
                 "lam": float(lam),
@@ -865,13 +872,12 @@ def persistent_fit(
                 "anchor_fn": anchor_fn is not None,
                 "checkpoint_every_epochs": every,
             },
+            optimizer=optimizer,
+            params=init_params,
             init_params=init_params,
             key=base_key,
             data=data,
             layer_mask=np.asarray(masks),
-        )
-        fingerprint["optimizer_state"] = ckpt.tree_fingerprint(
-            jax.eval_shape(optimizer.init, init_params), values=False
         )
         if has_state:
             # only with a state, so checkpoints written without one still resume
@@ -879,6 +885,7 @@ def persistent_fit(
 
         def template(meta: dict[str, Any]) -> PyTree:
             ckpt.check_fingerprint(meta.get("fingerprint"), fingerprint, checkpoint_dir)
+            _checks.check_callback_replay(meta, callback, checkpoint_dir)
             empty = np.zeros((0,), np.float32)
             t: dict[str, Any] = {
                 "bank": bank,
@@ -939,6 +946,8 @@ def persistent_fit(
                     if has_state:
                         info["model_state"] = final_states[n] if final_states else None
                     callback(n, info)
+        if start_n <= iterations:
+            folder_lock.require_writable()
 
     def save(done: int, carry: Any = None, curve: np.ndarray | None = None, ep: int = 0) -> None:
         if checkpoint_dir is None:
