@@ -92,6 +92,12 @@ def _check(params: PyTree, bank: AnchorBank, lam: Any) -> None:
             "pnjax.AnchorBank.create(params, capacity)."
         )
     check_lam(lam)
+    if jnp.ndim(lam) != 0:
+        raise ValueError(
+            f"lam must be a scalar here, got shape {tuple(jnp.shape(lam))}: the penalty is one "
+            "number per model. For one λ per chain use pnjax.run_chains(..., lam=[...]), or "
+            "jax.vmap the penalty over the chains' params and λ."
+        )
     bank.check_compatible(params)
 
 
@@ -120,8 +126,8 @@ def persistent_penalty(
       A scalar in the params' (promoted) dtype; float32 when every leaf is an integer or bool.
 
     Raises:
-      ValueError: the bank does not match the params, an unknown layer, λ negative or not
-        finite.
+      ValueError: the bank does not match the params, an unknown layer, λ negative, not
+        finite or not a scalar.
 
     References:
       Min, *Persistent Neurons*, arXiv:2007.01419, Eqs. 4-5.

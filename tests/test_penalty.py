@@ -119,6 +119,22 @@ def test_bad_lambda(linen_params, lam):
         pnjax.persistent_gradient(linen_params, bank, lam)
 
 
+@pytest.mark.parametrize("lam", [[0.1, 0.2], jnp.array([0.1]), np.full((2, 2), 0.1)])
+def test_lambda_must_be_a_scalar(linen_params, lam):
+    """A vector λ used to broadcast into a vector "penalty"; per-chain λ is run_chains' job."""
+    bank = _bank(linen_params, [linen_params])
+    for fn in (pnjax.persistent_penalty, pnjax.persistent_gradient):
+        with pytest.raises(ValueError, match="lam must be a scalar here, got shape"):
+            fn(linen_params, bank, lam)
+        with pytest.raises(ValueError, match="pnjax.run_chains"):
+            jax.jit(fn)(linen_params, bank, jnp.asarray(lam))
+    # per chain, under vmap, each chain sees a scalar λ
+    pens = jax.vmap(pnjax.persistent_penalty, (None, None, 0))(
+        linen_params, bank, jnp.array([0.1, 0.2])
+    )
+    np.testing.assert_allclose(pens[1], 2 * pens[0], rtol=1e-6)
+
+
 def test_unknown_layer_and_mismatched_bank(linen_params):
     bank = _bank(linen_params, [linen_params])
     with pytest.raises(ValueError, match="unknown layer name.*'conv'"):
