@@ -6,20 +6,28 @@
 
 Every command writes ``results.json`` and PNG figures to ``--out`` and prints a short table.
 ``toy2d`` and ``kink`` take ``--checkpoint-dir DIR`` (checkpoint after every persistent
-iteration) and ``--resume`` (continue a killed run from its checkpoints; see
-``docs/long_runs.md``). Bad arguments get a one-line error naming the value and the fix (exit
-code 2, no traceback; set ``PNJAX_DEBUG=1`` to see one).
+iteration) and ``--resume`` (continue a killed run from its checkpoints, refused unless every
+other setting is the same; see ``docs/long_runs.md``). Bad arguments, and runs that would not
+fit in memory, get a one-line error naming the value and the fix (exit code 2, no traceback;
+set ``PNJAX_DEBUG=1`` to see one) before anything is written. Ctrl-C stops a run at once (exit
+code 130; with checkpoints, ``--resume`` continues it). A run in which every training diverged
+writes its results (``null`` for the non-finite numbers: ``results.json`` is strict JSON) and
+exits with code 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
+import hashlib
 import json
 import math
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,25 +77,45 @@ def _int_at_least(name: str, lo: int, hi: int = 10**9):
     return parse
 
 
+def _creatable(path: Path) -> str:
+    """Why ``path`` cannot be (created and) written as a folder, or ``''``; creates nothing."""
+    if path.exists():
+        if not path.is_dir():
+            return "it is a file"
+        return "" if os.access(path, os.W_OK | os.X_OK) else "not writable"
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{str(parent)!r} is a file"
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return f"{str(parent)!r} is not writable"
+            return ""
+    return ""
+
+
 def _out_dir(text: str) -> Path:
-    path = Path(text)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except (OSError, ValueError) as e:
-        why = getattr(e, "strerror", None) or str(e)
+    """Checks ``--out`` (an empty path would mean the current folder); creates nothing: the
+    folder is made only once the whole command line has been accepted."""
+    if not text.strip() or "\0" in text:
         raise argparse.ArgumentTypeError(
-            f"cannot create output folder {text!r} ({why}); pass a writable --out"
-        ) from None
-    if not os.access(path, os.W_OK):
+            f"--out must name a folder, got {text!r}; pass e.g. --out pnjax-out/run1"
+        )
+    path = Path(text)
+    why = _creatable(path)
+    if why == "not writable":
         raise argparse.ArgumentTypeError(
             f"output folder {text!r} is not writable; pass a writable --out"
+        )
+    if why:
+        raise argparse.ArgumentTypeError(
+            f"cannot create output folder {text!r} ({why}); pass a writable --out"
         )
     return path
 
 
 def _folder_path(name: str):
     def parse(text: str) -> Path:
-        if not text or "\0" in text:
+        if not text.strip() or "\0" in text:
             raise argparse.ArgumentTypeError(f"{name} must be a folder path, got {text!r}")
         path = Path(text)
         if path.exists() and not path.is_dir():
@@ -222,9 +250,33 @@ def _say(quiet: bool):
     return say
 
 
+def _strict(obj: Any) -> Any:
+    """``obj`` with NaN and inf replaced by ``None``: strict JSON has no NaN (``null`` means the
+    number is not finite, e.g. a diverged run's loss)."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): _strict(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return _strict(obj.tolist())
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    if obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    try:
+        value = float(obj)
+    except (TypeError, ValueError):
+        return str(obj)
+    return value if math.isfinite(value) else None
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    tmp.write_text(json.dumps(_strict(obj), indent=2, allow_nan=False))
     tmp.replace(path)
 
 
@@ -261,61 +313,211 @@ def cmd_kink(out: Path, say, **kw: Any) -> dict:
     return summary
 
 
+def _num(x: Any, spec: str) -> str:
+    """``x`` formatted with ``spec``; ``'diverged'`` for ``None`` (a non-finite number)."""
+    return "diverged" if x is None else format(x, spec)
+
+
 def _print_kink(s: dict) -> None:
     r = s["reinit"]
+    n = s["config"]["num_reinit"]
     print(f"kink (1-32-32-1 ReLU, {s['config']['steps']} steps)       ours        paper")
-    print(f"  re-inits stuck (two affine pieces)  {r['stuck_fraction']:>8.0%}     most")
+    if r.get("diverged"):
+        print(f"  re-inits diverged (loss not finite) {r['diverged']:>5} of {n}     -")
+    print(f"  re-inits stuck (two affine pieces)  {_num(r['stuck_fraction'], '>8.0%')}     most")
     print(f"  two-piece affine loss (stuck level) {s['two_piece_affine_loss']:>8.3f}     ~4.2")
-    print(
-        f"  best of {s['config']['num_reinit']} re-inits             {r['best_loss']:>8.3f}     0.33"
-    )
+    print(f"  best of {n} re-inits             {_num(r['best_loss'], '>8.3f')}     0.33")
     for p in s["persistent"]:
         print(
-            f"  persistent, stuck seed {p['seed']:<3}: plain {p['plain_loss']:.3f} -> champion "
-            f"{p['champion_loss']:.3f} (iteration {p['champion_iteration']}, "
-            f"{p['fraction_unstuck']:.0%} of runs unstuck)   paper 0.10 (11th)"
+            f"  persistent, stuck seed {p['seed']:<3}: plain {_num(p['plain_loss'], '.3f')} -> "
+            f"champion {_num(p['champion_loss'], '.3f')} (iteration {p['champion_iteration']}, "
+            f"{_num(p['fraction_unstuck'], '.0%')} of runs unstuck, {sum(p['diverged'])} "
+            "diverged)   paper 0.10 (11th)"
         )
     for p in s["random_anchors"]:
         print(
-            f"  control, random anchors, seed {p['seed']:<3}: champion {p['champion_loss']:.3f} "
-            f"({p['fraction_unstuck']:.0%} unstuck)"
+            f"  control, random anchors, seed {p['seed']:<3}: champion "
+            f"{_num(p['champion_loss'], '.3f')} ({_num(p['fraction_unstuck'], '.0%')} unstuck)"
         )
     for p in s["scaled_init"]:
+        verdict = "diverged" if p["stuck"] is None else "stuck" if p["stuck"] else "unstuck"
         print(
-            f"  control, first layer x{p['factor']:<4} seed {p['seed']:<3}: loss {p['loss']:.3f}"
-            f" ({'stuck' if p['stuck'] else 'unstuck'})"
+            f"  control, first layer x{p['factor']:<4} seed {p['seed']:<3}: loss "
+            f"{_num(p['loss'], '.3f')} ({verdict})"
         )
 
 
-def _checkpoint_folder(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path | None:
-    """The checkpoint folder of this command (None: no checkpointing), checked for use."""
+SETTINGS_FILE = "pnjax-cli-settings.json"
+_NOT_SETTINGS = ("command", "out", "quiet", "resume", "checkpoint_dir")
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Every setting of the command that shapes its results (not where they are written)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_SETTINGS}
+
+
+def _settings_record(args: argparse.Namespace) -> str:
+    body = {"command": args.command, "settings": _settings(args)}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return json.dumps({**body, "sha256": digest}, indent=2, sort_keys=True)
+
+
+def _check_settings(folder: Path, args: argparse.Namespace) -> str:
+    """Why ``--resume`` must not continue the run in ``folder`` ('' if it may)."""
+    try:
+        saved = json.loads((folder / SETTINGS_FILE).read_text())
+        body = {"command": saved["command"], "settings": saved["settings"]}
+        ok = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        if ok != saved["sha256"]:
+            raise ValueError("checksum")
+    except FileNotFoundError:
+        return (
+            f"{str(folder)!r} holds checkpoints without a record of their settings ("
+            f"{SETTINGS_FILE}, written by pnjax since 0.1.0's checkpoints), so --resume cannot "
+            "check them; start afresh with an empty or new --checkpoint-dir"
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return (
+            f"the settings record {str(folder / SETTINGS_FILE)!r} is damaged; start afresh "
+            "with an empty or new --checkpoint-dir"
+        )
+    now = _settings(args)
+    diffs = [
+        f"--{k.replace('_', '-')}: {saved['settings'].get(k)!r} in the checkpoint, "
+        f"{now.get(k)!r} now"
+        for k in sorted(set(now) | set(saved["settings"]))
+        if saved["settings"].get(k) != now.get(k)
+    ]
+    if diffs:
+        return (
+            "--resume with other settings than the checkpointed run ("
+            + "; ".join(diffs)
+            + "); pass the same arguments to resume it, or an empty or new --checkpoint-dir "
+            "to start afresh"
+        )
+    return ""
+
+
+def _checkpoint_folder(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> tuple[Path | None, bool]:
+    """The checkpoint folder of this command (None: no checkpointing) and whether the run
+    starts afresh; checks it for use and creates nothing (``_prepare_folders`` does)."""
     folder = getattr(args, "checkpoint_dir", None)
     resume = getattr(args, "resume", False)
     if folder is None and not resume:
-        return None
+        return None, True
     if folder is None:
         folder = args.out / "checkpoints"
     folder = folder / args.command
+    if folder.exists() and not folder.is_dir():
+        parser.error(f"checkpoint folder {str(folder)!r} is a file; pass a folder --checkpoint-dir")
     holds = folder.is_dir() and any(folder.iterdir())
     if holds and not resume:
         parser.error(
             f"--checkpoint-dir {str(folder.parent)!r} already holds checkpoints of a {args.command} "
             "run; pass --resume to continue it, or an empty or new --checkpoint-dir to start afresh"
         )
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
+    why = _creatable(folder)
+    if why:
         parser.error(
-            f"cannot create checkpoint folder {str(folder)!r} ({e.strerror}); pass a writable "
+            f"cannot create or write checkpoint folder {str(folder)!r} ({why}); pass a writable "
             "--checkpoint-dir"
         )
-    if not os.access(folder, os.W_OK):
-        parser.error(
-            f"checkpoint folder {str(folder)!r} is not writable; pass a writable --checkpoint-dir"
-        )
-    if resume and not holds:
+    if holds:
+        why = _check_settings(folder, args)
+        if why:
+            parser.error(why)
+    elif resume:
         print(f"pnjax: no checkpoint in {str(folder)!r} yet; starting afresh", file=sys.stderr)
-    return folder
+    return folder, not holds
+
+
+# Memory a run needs, measured on pnjax 0.1.0 (jax 0.10.2, CPU; see docs/long_runs.md):
+# a Python process with JAX and the models loaded, and the bytes every step or seed adds.
+BASE_BYTES = 400e6
+TOY_BYTES_PER_STEP = 24.0  # the loss curve and the trajectory keep every step
+KINK_BYTES_PER_STEP_SEED = 8.0  # the re-init chunk's loss curve, per step and seed in a chunk
+KINK_BYTES_PER_SEED = 40e3  # params, curve, flags of a re-initialized seed, and plotting
+KINK_REINIT_CHUNK = 25
+
+
+def estimate_memory(args: argparse.Namespace) -> tuple[float, str]:
+    """Bytes of memory the command needs at its peak, and what dominates them."""
+    if args.command == "toy2d":
+        return BASE_BYTES + TOY_BYTES_PER_STEP * args.steps, f"--steps {args.steps}"
+    if args.command == "kink":
+        chunk = min(args.reinit, KINK_REINIT_CHUNK)
+        steps = KINK_BYTES_PER_STEP_SEED * args.steps * chunk
+        seeds = KINK_BYTES_PER_SEED * args.reinit
+        what = f"--steps {args.steps}" if steps >= seeds else f"--reinit {args.reinit}"
+        return BASE_BYTES + steps + seeds, what
+    return BASE_BYTES + TOY_BYTES_PER_STEP * 50_000 + KINK_BYTES_PER_SEED * 20, "demo"
+
+
+def available_memory() -> float | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), else ``None``."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return None
+
+
+def _check_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    need, what = estimate_memory(args)
+    have = available_memory()
+    if have is not None and need > 0.8 * have:
+        parser.error(
+            f"this run needs about {need / 1e9:.1f} GB of memory ({what}), more than the "
+            f"{0.8 * have / 1e9:.1f} GB it may use here (80% of the {have / 1e9:.1f} GB "
+            "available); use fewer --steps or --reinit"
+        )
+
+
+def _prepare_folders(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, ckdir: Path | None, fresh: bool
+) -> None:
+    """Creates ``--out`` and the checkpoint folder (with its settings record), once the whole
+    command line has been accepted."""
+    for folder, flag in ((args.out, "--out"), (ckdir, "--checkpoint-dir")):
+        if folder is None:
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            parser.error(
+                f"cannot create folder {str(folder)!r} ({e.strerror}); pass a writable {flag}"
+            )
+    if ckdir is not None and fresh:
+        (ckdir / SETTINGS_FILE).write_text(_settings_record(args))
+
+
+def _in_worker(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run in a worker thread while this (main) thread waits.
+
+    A compiled JAX program does not return to Python until it ends, so a Ctrl-C sent to a
+    process whose main thread runs one would wait for it (minutes for a long run). Waiting here
+    instead, the main thread gets the ``KeyboardInterrupt`` at once.
+    """
+    box: dict[str, Any] = {}
+    context = contextvars.copy_context()  # e.g. the checkpoint scope; threads start without it
+
+    def target() -> None:
+        try:
+            box["value"] = context.run(fn)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            box["error"] = e
+
+    worker = threading.Thread(target=target, name="pnjax-run", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -327,70 +529,111 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             f"--stuck-seeds {args.stuck_seeds} is more than --reinit {args.reinit}: the stuck "
             "seeds are drawn from the re-initialized ones; pass --stuck-seeds <= --reinit"
         )
-    ckdir = _checkpoint_folder(args, parser)
+    _check_memory(args, parser)
+    ckdir, fresh = _checkpoint_folder(args, parser)
+    _prepare_folders(args, parser, ckdir, fresh)  # nothing was written before this line
+    args.checkpointed = ckdir is not None
     scope = contextlib.nullcontext()
     if ckdir is not None:
         from pnjax.fit import checkpoint_scope
 
         scope = checkpoint_scope(ckdir)
         say(f"checkpointing into {ckdir}")
+    failed = ""
     with scope:
         if args.command == "toy2d":
-            cmd_toy2d(out, args.lam, args.iterations, args.steps, args.lr, say)
-        elif args.command == "kink":
-            cmd_kink(
-                out,
-                say,
-                num_reinit=args.reinit,
-                num_stuck=args.stuck_seeds,
-                iterations=args.iterations,
-                lam=args.lam,
-                steps=args.steps,
-                lr=args.lr,
-                controls=not args.no_controls,
+            toy = _in_worker(
+                lambda: cmd_toy2d(out, args.lam, args.iterations, args.steps, args.lr, say)
             )
+            if toy.get("champion_iteration", 0) < 0:
+                failed = "every run diverged (loss not finite); lower --lr"
+        elif args.command == "kink":
+            kink = _in_worker(
+                lambda: cmd_kink(
+                    out,
+                    say,
+                    num_reinit=args.reinit,
+                    num_stuck=args.stuck_seeds,
+                    iterations=args.iterations,
+                    lam=args.lam,
+                    steps=args.steps,
+                    lr=args.lr,
+                    controls=not args.no_controls,
+                )
+            )
+            if kink.get("reinit", {}).get("stuck_fraction", 0) is None:
+                failed = (
+                    f"every one of the {args.reinit} re-initialized runs diverged (loss not "
+                    "finite); lower --lr"
+                )
         elif args.command == "demo":
             toy_out, kink_out = out / "toy2d", out / "kink"
             toy_out.mkdir(parents=True, exist_ok=True)
             kink_out.mkdir(parents=True, exist_ok=True)
-            toy = cmd_toy2d(toy_out, 0.1, 1, 50_000, 1e-3, say)
-            kink = cmd_kink(
-                kink_out,
-                say,
-                num_reinit=20,
-                num_stuck=1,
-                iterations=10,
-                lam=0.01,
-                steps=50_000,
-                lr=1e-3,
-                controls=True,
-                scale_factors=(0.25,),
-            )
-            _write_json(out / "results.json", {"toy2d": toy, "kink": kink})
+
+            def demo() -> None:
+                toy = cmd_toy2d(toy_out, 0.1, 1, 50_000, 1e-3, say)
+                kink = cmd_kink(
+                    kink_out,
+                    say,
+                    num_reinit=20,
+                    num_stuck=1,
+                    iterations=10,
+                    lam=0.01,
+                    steps=50_000,
+                    lr=1e-3,
+                    controls=True,
+                    scale_factors=(0.25,),
+                )
+                _write_json(out / "results.json", {"toy2d": toy, "kink": kink})
+
+            _in_worker(demo)
     say(f"done in {time.perf_counter() - t0:.0f}s")
+    if failed:
+        print(f"pnjax: {failed} (results in {str(out / 'results.json')!r})", file=sys.stderr)
+        return 1
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the ``pnjax`` command; returns the exit code (0, 2 on bad input, 130 on Ctrl-C).
+    """Runs the ``pnjax`` command; returns the exit code (0; 1 when every run diverged; 2 on
+    bad input, before anything is written; 130 on Ctrl-C).
 
     Args:
-      argv: the arguments (default ``sys.argv[1:]``).
+      argv: the arguments (default ``sys.argv[1:]``). Without ``argv`` (the command line), a
+        Ctrl-C ends the process at once, leaving the checkpoints of the finished iterations;
+        with ``argv`` (a call from Python) it returns 130 and the interrupted run's worker
+        thread finishes its current compiled call in the background.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return _run(args, parser)
-    except (ValueError, TypeError, OSError) as e:
+    except KeyboardInterrupt:
+        if getattr(args, "checkpointed", False):
+            hint = "; continue it with the same command line plus --resume"
+        else:
+            hint = "; nothing was checkpointed (pass --checkpoint-dir DIR to make a run resumable)"
+        print(f"pnjax: interrupted{hint}", file=sys.stderr, flush=True)
+        if argv is None:
+            sys.stdout.flush()
+            os._exit(130)  # the worker thread may be inside a compiled program: do not wait
+        return 130
+    except Exception as e:
+        from pnjax.checkpoint import CheckpointLockedError
+
+        message = " ".join(str(e).split()) or type(e).__name__
+        if "RESOURCE_EXHAUSTED" in message:  # XLA could not allocate: the estimate was short
+            message = (
+                f"out of memory ({message[:200]}); use fewer --steps or --reinit"
+                + ("; continue with --resume" if getattr(args, "checkpointed", False) else "")
+            )
+        elif not isinstance(e, (ValueError, TypeError, OSError, CheckpointLockedError)):
+            raise
         if os.environ.get("PNJAX_DEBUG", "0") not in ("", "0"):
             raise
-        message = " ".join(str(e).split()) or type(e).__name__
         print(f"pnjax: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        hint = " (continue with --resume)" if getattr(args, "checkpoint_dir", None) else ""
-        print(f"pnjax: interrupted{hint}", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -137,3 +138,136 @@ def test_fuzz_argv_never_traceback(argv, tmp_path_factory, monkeypatch, capsys):
     assert "Traceback" not in err
     if code == 2:
         assert err.startswith("pnjax") and err.rstrip("\n").count("\n") == 0, err
+
+
+# ----------------------------------------------------------------------------- reliability
+
+
+def test_resume_refuses_any_other_setting(capsys, tmp_path):
+    """Every setting is recorded: a resumed run with another --lr used to report the new lr
+    for runs trained at the old one."""
+    out, ck = tmp_path / "out", tmp_path / "ck"
+    base = ["toy2d", "--steps", "50", "--iterations", "1", "--quiet", "--out", str(out)]
+    code, _, _ = _main([*base, "--checkpoint-dir", str(ck)], capsys)
+    assert code == 0 and (ck / "toy2d" / cli.SETTINGS_FILE).is_file()
+    first = (out / "results.json").read_text()
+    for extra, needle in [
+        (["--lr", "0.5"], "--lr: 0.001 in the checkpoint, 0.5 now"),
+        (["--lam", "0.2"], "--lam: 0.1 in the checkpoint, 0.2 now"),
+        (["--iterations", "2"], "--iterations: 1 in the checkpoint, 2 now"),
+    ]:
+        code, _, err = _main([*base, *extra, "--checkpoint-dir", str(ck), "--resume"], capsys)
+        assert code == 2 and needle in err and err.count("\n") == 1, err
+    assert (out / "results.json").read_text() == first
+    # a damaged record is refused too
+    rec = ck / "toy2d" / cli.SETTINGS_FILE
+    rec.write_text(rec.read_text().replace("0.001", "0.002"))
+    code, _, err = _main([*base, "--checkpoint-dir", str(ck), "--resume"], capsys)
+    assert code == 2 and "is damaged" in err
+
+
+def test_rejected_command_line_creates_nothing(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for argv, needle in [
+        (["toy2d", "--out", "new1", "--lam", "-1"], "--lam must be finite"),
+        (["kink", "--out", "new2", "--reinit", "3", "--stuck-seeds", "5"], "--stuck-seeds 5"),
+        (["toy2d", "--out", "new3", "--checkpoint-dir", "ck3", "--bogus"], "unrecognized"),
+        (["toy2d", "--out", ""], "--out must name a folder, got ''"),
+        (["toy2d", "--out", "  "], "--out must name a folder"),
+        (["kink", "--out", "new4", "--checkpoint-dir", ""], "must be a folder path"),
+    ]:
+        code, _, err = _main(argv, capsys)
+        assert code == 2 and needle in err and err.count("\n") == 1, (argv, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv, available, needle",
+    [
+        (["toy2d", "--steps", "1000000000"], 8e9, "(--steps 1000000000)"),  # the report's machine
+        (["kink", "--steps", "1000000000"], 8e9, "(--steps 1000000000)"),
+        (["kink", "--reinit", "100000"], 1e9, "(--reinit 100000)"),
+    ],
+)
+def test_memory_is_estimated_before_starting(argv, available, needle, capsys, tmp_path,
+                                             monkeypatch):  # fmt: skip
+    monkeypatch.setattr(cli, "available_memory", lambda: available)
+    monkeypatch.setattr(cli, "cmd_toy2d", lambda *a, **k: pytest.fail("must not start"))
+    monkeypatch.setattr(cli, "cmd_kink", lambda *a, **k: pytest.fail("must not start"))
+    out = tmp_path / "out"
+    code, _, err = _main([*argv, "--out", str(out), "--checkpoint-dir", str(tmp_path / "c")],
+                         capsys)  # fmt: skip
+    assert code == 2 and err.count("\n") == 1, err
+    assert "this run needs about" in err and needle in err and "GB" in err
+    assert not out.exists() and not (tmp_path / "c").exists()
+
+
+def test_memory_estimate_grows_with_steps_and_seeds(tmp_path):
+    def need(*argv):
+        return cli.estimate_memory(cli.build_parser().parse_args([*argv, "--out", str(tmp_path)]))[
+            0
+        ]
+
+    assert need("kink") < 2e9, "the paper's protocol must fit a small machine"
+    assert need("kink", "--steps", "1000000") > need("kink") + 1e8
+    assert need("kink", "--reinit", "100000") > need("kink") + 5e8
+    assert need("toy2d", "--steps", "100000000") > need("toy2d") + 1e9
+
+
+def test_kink_reinit_compiles_once_for_all_chunks():
+    """A new jax.jit per chunk of 25 seeds compiled --reinit / 25 times and kept each program."""
+    from pnjax.experiments.kink import run_kink
+
+    jits = []
+
+    def counting_jit(fn):
+        jits.append(fn)
+        return jax.jit(fn)
+
+    summary, _ = run_kink(num_reinit=6, reinit_chunk=2, num_stuck=0, iterations=0, steps=5,
+                          controls=False, jit=counting_jit)  # fmt: skip
+    assert len(jits) == 1 and len(summary["reinit"]["losses"]) == 6
+
+
+def test_all_diverged_kink_is_strict_json_and_exits_1(capsys, tmp_path):
+    out = tmp_path / "out"
+    argv = ["kink", "--lr", "1e30", "--reinit", "2", "--stuck-seeds", "1", "--iterations", "1",
+            "--steps", "20", "--no-controls", "--quiet", "--out", str(out)]  # fmt: skip
+    code, stdout, err = _main(argv, capsys)
+    assert code == 1 and "every one of the 2 re-initialized runs diverged" in err
+
+    def no_nan(text):
+        raise AssertionError(f"bare {text} in results.json")
+
+    res = json.loads((out / "results.json").read_text(), parse_constant=no_nan)["kink"]
+    r = res["reinit"]
+    assert r["stuck_fraction"] is None and r["diverged"] == 2 and r["best_loss"] is None
+    assert r["losses"] == [None, None] and r["stuck"] == [None, None]
+    assert res["persistent"] == [] and "diverged" in stdout
+
+
+def test_ctrl_c_stops_a_long_run_with_the_resume_hint(tmp_path):
+    import signal
+    import time
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    argv = ["toy2d", "--steps", "20000000", "--out", str(tmp_path / "o"),
+            "--checkpoint-dir", str(tmp_path / "c")]  # fmt: skip
+    p = subprocess.Popen([sys.executable, "-m", "pnjax.cli", *argv], env=env,
+                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        for line in p.stderr:
+            if "toy2d: plain" in line:  # training (one compiled program of 2e7 steps) started
+                break
+        time.sleep(2.0)
+        sent = time.perf_counter()
+        p.send_signal(signal.SIGINT)
+        code = p.wait(timeout=60)
+        waited = time.perf_counter() - sent
+        err = p.stderr.read()
+    finally:
+        p.kill()
+        p.wait()
+    assert code == 130 and "interrupted" in err and "--resume" in err, err
+    assert "Traceback" not in err
+    assert waited < 10, f"Ctrl-C took {waited:.1f}s to stop the run"

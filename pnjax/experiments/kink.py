@@ -18,6 +18,7 @@ Protocol here:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -63,26 +64,65 @@ def optimizer(lr: float = 1e-3) -> optax.GradientTransformation:
     return optax.sgd(lr, momentum=0.9)
 
 
-def train_reinit(
-    problem: dict[str, Any], seeds: Sequence[int], *, steps: int, lr: float = 1e-3, jit=None
-) -> dict[str, np.ndarray]:
-    """Plain training of many seeds at once (one ``vmap``); returns losses, stuck flags, params."""
-    seeds = np.asarray(seeds)
-    params0 = jax.vmap(lambda s: init_params(problem, s))(jnp.asarray(seeds))
-    one = jax.tree_util.tree_map(lambda a: a[0], params0)
+def reinit_trainer(
+    problem: dict[str, Any], *, steps: int, lr: float = 1e-3, jit=None
+) -> Callable[[Sequence[int]], dict[str, np.ndarray]]:
+    """``train(seeds)``: :func:`train_reinit` with one compilation shared by every call.
+
+    Calls with the same number of seeds reuse one compiled program (a new ``jax.jit`` per chunk
+    of seeds compiled again for every chunk, and kept every executable).
+    """
+    one = init_params(problem, 0)
     bank = AnchorBank.create(one, 1)
     run = make_train_run(problem["loss_fn"], optimizer(lr), steps=steps)
     many = (jit or jax.jit)(jax.vmap(run, in_axes=(0, None, None, None, None)))
+    stuck_many = jax.jit(jax.vmap(problem["stuck"]))
     mask = jnp.ones((len(bank.names),), jnp.float32)
-    params, metrics = many(params0, bank, jnp.float32(0.0), mask, jax.random.key(0))
-    stuck = jax.vmap(problem["stuck"])(params)
-    return {
-        "seeds": seeds,
-        "loss": np.asarray(metrics["loss"]),
-        "curve": np.asarray(metrics["curve"]),
-        "stuck": np.asarray(stuck),
-        "params": params,
-    }
+
+    def train(seeds: Sequence[int]) -> dict[str, np.ndarray]:
+        seeds = np.asarray(seeds)
+        params0 = jax.vmap(lambda s: init_params(problem, s))(jnp.asarray(seeds))
+        params, metrics = many(params0, bank, jnp.float32(0.0), mask, jax.random.key(0))
+        loss = np.asarray(metrics["loss"])
+        finite = np.isfinite(loss) & np.asarray(jax.vmap(_all_finite)(params))
+        return {
+            "seeds": seeds,
+            "loss": loss,
+            "curve": np.asarray(metrics["curve"]),
+            # a diverged run (NaN or inf) is neither stuck nor unstuck: see ``diverged``
+            "stuck": np.asarray(stuck_many(params)) & finite,
+            "diverged": ~finite,
+            "params": params,
+        }
+
+    return train
+
+
+def _all_finite(params: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(params)]))
+
+
+def train_reinit(
+    problem: dict[str, Any], seeds: Sequence[int], *, steps: int, lr: float = 1e-3, jit=None
+) -> dict[str, np.ndarray]:
+    """Plain training of many seeds at once (one ``vmap``); returns losses, stuck flags, params.
+
+    ``diverged[i]`` marks a seed whose loss or params are not finite; such a seed has
+    ``stuck[i] = False`` and must not be counted as unstuck either.
+    """
+    return reinit_trainer(problem, steps=steps, lr=lr, jit=jit)(seeds)
+
+
+def _finite_or_none(x: Any) -> float | None:
+    """A JSON-ready float: ``None`` for NaN or inf (diverged), as strict JSON has no NaN."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _fraction(flags: Sequence[bool | None], value: bool) -> float | None:
+    """The fraction of the non-``None`` flags equal to ``value``; ``None`` when there are none."""
+    known = [f for f in flags if f is not None]
+    return float(np.mean([f == value for f in known])) if known else None
 
 
 def random_direction_anchor(params: Any, key: jax.Array) -> Any:
@@ -134,9 +174,10 @@ def run_kink(
     t0 = time.perf_counter()
     say(f"re-init: training {num_reinit} seeds x {steps} steps (one vmap)")
     chunks = []
+    train = reinit_trainer(prob, steps=steps, lr=lr, jit=jit)
     for lo in range(0, num_reinit, reinit_chunk):
         seeds = range(lo, min(num_reinit, lo + reinit_chunk))
-        chunks.append(train_reinit(prob, seeds, steps=steps, lr=lr, jit=jit))
+        chunks.append(train(seeds))
         say(f"  re-init seeds {seeds.start}-{seeds.stop - 1} done")
     rein = {
         k: (
@@ -147,9 +188,12 @@ def run_kink(
         for k in chunks[0]
     }
     stuck_seeds = [int(s) for s in rein["seeds"][rein["stuck"]][:num_stuck]]
+    ok = ~rein["diverged"]
+    ok_loss = np.where(ok, rein["loss"], np.inf)
     say(
         f"re-init done in {time.perf_counter() - t0:.0f}s: {int(rein['stuck'].sum())}/{num_reinit} "
-        f"stuck, best loss {rein['loss'].min():.4f}; persistent from seeds {stuck_seeds}"
+        f"stuck, {int(rein['diverged'].sum())} diverged, best loss "
+        f"{ok_loss.min() if ok.any() else float('nan'):.4f}; persistent from seeds {stuck_seeds}"
     )
     x_np, y_np = np.asarray(prob["x"]), np.asarray(prob["y"])
     summary: dict[str, Any] = {
@@ -166,12 +210,14 @@ def run_kink(
         },
         "two_piece_affine_loss": float(two_piece_affine_loss(x_np, y_np)),
         "reinit": {
-            "stuck_fraction": float(rein["stuck"].mean()),
-            "best_loss": float(rein["loss"].min()),
-            "best_seed": int(rein["seeds"][np.argmin(rein["loss"])]),
-            "median_loss": float(np.median(rein["loss"])),
-            "losses": rein["loss"].tolist(),
-            "stuck": rein["stuck"].tolist(),
+            # over the runs that did not diverge (None when every run diverged)
+            "stuck_fraction": float(rein["stuck"][ok].mean()) if ok.any() else None,
+            "diverged": int(rein["diverged"].sum()),
+            "best_loss": _finite_or_none(ok_loss.min()),
+            "best_seed": int(rein["seeds"][np.argmin(ok_loss)]) if ok.any() else None,
+            "median_loss": float(np.median(rein["loss"][ok])) if ok.any() else None,
+            "losses": [_finite_or_none(v) for v in rein["loss"]],
+            "stuck": [bool(s) if g else None for s, g in zip(rein["stuck"], ok, strict=True)],
         },
         "paper": PAPER,
         "persistent": [],
@@ -181,8 +227,8 @@ def run_kink(
     stuck_flags: dict[int, list[bool]] = {}
     arrays: dict[str, Any] = {"x": x_np, "y": y_np, "reinit": rein, "persistent": {}}
 
-    def on_iteration(n: int, info: dict[str, Any], flags: list[bool]) -> None:
-        flags.append(bool(prob["stuck"](info["params"])))
+    def on_iteration(n: int, info: dict[str, Any], flags: list[bool | None]) -> None:
+        flags.append(None if info["diverged"] else bool(prob["stuck"](info["params"])))
         if n % 10 == 9 or n == iterations:
             say(
                 f"    iteration {n + 1}/{iterations + 1}: loss {info['loss']:.4f}, "
@@ -190,7 +236,7 @@ def run_kink(
             )
 
     def fit(seed: int, anchor_fn=None) -> FitResult:
-        flags: list[bool] = []
+        flags: list[bool | None] = []
         res = persistent_fit(
             init_params(prob, seed),
             prob["loss_fn"],
@@ -210,15 +256,17 @@ def run_kink(
         losses = res.history["loss"]
         ok = ~res.history["diverged"]
         flags = stuck_flags[id(res)]
+        champ = res.champion_iteration
         return {
             "seed": seed,
-            "plain_loss": float(losses[0]),
-            "champion_loss": float(losses[res.champion_iteration]),
-            "champion_iteration": int(res.champion_iteration),
-            "best_loss_first_10": float(np.min(np.where(ok, losses, np.inf)[:11])),
+            "plain_loss": _finite_or_none(losses[0]) if ok[0] else None,
+            "champion_loss": float(losses[champ]) if champ >= 0 else None,
+            "champion_iteration": int(champ),
+            "best_loss_first_10": _finite_or_none(np.min(np.where(ok, losses, np.inf)[:11])),
             "stuck": flags,
-            "fraction_unstuck": float(1 - np.mean(flags)),
-            "losses": losses.tolist(),
+            # over the iterations that did not diverge (None when all did)
+            "fraction_unstuck": _fraction(flags, False),
+            "losses": [_finite_or_none(v) if g else None for v, g in zip(losses, ok, strict=True)],
             "diverged": res.history["diverged"].tolist(),
         }
 
@@ -228,18 +276,14 @@ def run_kink(
         summary["persistent"].append(describe(seed, res))
         arrays["persistent"][seed] = res
         say(
-            f"persistent seed {seed} ({i + 1}/{len(stuck_seeds)}): plain {res.history['loss'][0]:.4f}"
-            f" -> champion {res.history['loss'][res.champion_iteration]:.4f} at iteration "
-            f"{res.champion_iteration} ({time.perf_counter() - t1:.0f}s)"
+            f"persistent seed {seed} ({i + 1}/{len(stuck_seeds)}): {res.summary} "
+            f"({time.perf_counter() - t1:.0f}s)"
         )
         if controls:
             t1 = time.perf_counter()
             ctrl = fit(seed, anchor_fn=random_direction_anchor)
             summary["random_anchors"].append(describe(seed, ctrl))
-            say(
-                f"  control random anchors: champion {ctrl.history['loss'][ctrl.champion_iteration]:.4f}"
-                f" at iteration {ctrl.champion_iteration} ({time.perf_counter() - t1:.0f}s)"
-            )
+            say(f"  control random anchors: {ctrl.summary} ({time.perf_counter() - t1:.0f}s)")
             p0 = init_params(prob, seed)
             for f in scale_factors:
                 scaled = scale_first_layer(p0, f)
@@ -256,26 +300,27 @@ def run_kink(
                     {
                         "seed": seed,
                         "factor": f,
-                        "loss": float(sres.history["loss"][0]),
-                        "stuck": bool(prob["stuck"](sres.champion)),
+                        "loss": _finite_or_none(sres.history["loss"][0]),
+                        "stuck": (
+                            None
+                            if sres.history["diverged"][0]
+                            else bool(prob["stuck"](sres.champion))
+                        ),
                     }
                 )
             summary["persistent"][-1]["first_layer_norm"] = {
                 "init": first_layer_norm(p0),
-                "plain": first_layer_norm(res.bank.get(0)),
+                "plain": first_layer_norm(res.bank.get(0)) if res.history["pushed"][0] else None,
                 "champion": first_layer_norm(res.champion),
             }
     summary["seconds"] = time.perf_counter() - t0
-    pers = summary["persistent"]
-    if pers:
-        summary["persistent_champion_loss_mean"] = float(
-            np.mean([p["champion_loss"] for p in pers])
-        )
-        summary["persistent_champion_loss_min"] = float(np.min([p["champion_loss"] for p in pers]))
-    if summary["random_anchors"]:
-        summary["random_anchors_champion_loss_mean"] = float(
-            np.mean([p["champion_loss"] for p in summary["random_anchors"]])
-        )
+    champs = [p["champion_loss"] for p in summary["persistent"] if p["champion_loss"] is not None]
+    if champs:
+        summary["persistent_champion_loss_mean"] = float(np.mean(champs))
+        summary["persistent_champion_loss_min"] = float(np.min(champs))
+    ctrl = [p["champion_loss"] for p in summary["random_anchors"] if p["champion_loss"] is not None]
+    if ctrl:
+        summary["random_anchors_champion_loss_mean"] = float(np.mean(ctrl))
     return summary, arrays
 
 
@@ -295,7 +340,7 @@ def plot_kink(summary: dict[str, Any], arrays: dict[str, Any], path_png: str) ->
     for p in summary["persistent"]:
         ax.semilogy(
             np.arange(len(p["losses"])),
-            p["losses"],
+            np.array(p["losses"], dtype=float),
             "-",
             lw=1,
             label=f"persistent, seed {p['seed']}",
@@ -307,24 +352,32 @@ def plot_kink(summary: dict[str, Any], arrays: dict[str, Any], path_png: str) ->
     ax = axes[1]
     if summary["random_anchors"]:
         for p in summary["random_anchors"]:
-            ax.semilogy(p["losses"], "-", lw=1, label=f"random anchors, seed {p['seed']}")
-    ax.axhline(summary["reinit"]["best_loss"], color="k", ls="--", label="best re-init")
+            ax.semilogy(
+                np.array(p["losses"], dtype=float),
+                "-",
+                lw=1,
+                label=f"random anchors, seed {p['seed']}",
+            )
+    if summary["reinit"]["best_loss"] is not None:
+        ax.axhline(summary["reinit"]["best_loss"], color="k", ls="--", label="best re-init")
     ax.set_xlabel("iteration")
     ax.set_title("control: random anchor directions")
     ax.legend(fontsize=7)
     ax = axes[2]
     grid = np.linspace(x.min(), x.max(), 400)[:, None].astype(np.float32)
     ax.plot(x[:, 0], y[:, 0], "k.", ms=6, label="data")
-    best = int(np.argmin(rein["loss"]))
-    best_params = jax.tree_util.tree_map(lambda a: a[best], rein["params"])
-    ax.plot(
-        grid,
-        prob_model.apply({"params": best_params}, grid),
-        "b-",
-        label=f"best re-init ({rein['loss'][best]:.3f})",
-    )
-    if summary["persistent"]:
-        pbest = min(summary["persistent"], key=lambda p: p["champion_loss"])
+    if summary["reinit"]["best_seed"] is not None:
+        best = int(np.argmin(np.where(rein["diverged"], np.inf, rein["loss"])))
+        best_params = jax.tree_util.tree_map(lambda a: a[best], rein["params"])
+        ax.plot(
+            grid,
+            prob_model.apply({"params": best_params}, grid),
+            "b-",
+            label=f"best re-init ({rein['loss'][best]:.3f})",
+        )
+    done = [p for p in summary["persistent"] if p["champion_loss"] is not None]
+    if done:
+        pbest = min(done, key=lambda p: p["champion_loss"])
         res = arrays["persistent"][pbest["seed"]]
         ax.plot(
             grid,
@@ -332,13 +385,13 @@ def plot_kink(summary: dict[str, Any], arrays: dict[str, Any], path_png: str) ->
             "r-",
             label=f"persistent champion ({pbest['champion_loss']:.3f})",
         )
-        plain = res.bank.get(0)
-        ax.plot(
-            grid,
-            prob_model.apply({"params": plain}, grid),
-            "r:",
-            label=f"plain run, seed {pbest['seed']} ({pbest['plain_loss']:.3f})",
-        )
+        if pbest["plain_loss"] is not None and res.history["pushed"][0]:
+            ax.plot(
+                grid,
+                prob_model.apply({"params": res.bank.get(0)}, grid),
+                "r:",
+                label=f"plain run, seed {pbest['seed']} ({pbest['plain_loss']:.3f})",
+            )
     ax.set_title("championship predictors")
     ax.legend(fontsize=7)
     fig.tight_layout()
