@@ -316,7 +316,7 @@ class FolderLock:
         fd, self._fd = self._fd, None
         if fd is None:
             return
-        key = str(self.path)
+        key = _key(self.path)
         if key in _HELD and _HELD[key]() in (self, None):
             del _HELD[key]
         with contextlib.suppress(OSError):
@@ -401,14 +401,23 @@ def _acquire(path: Path) -> FolderLock:
 
 def _lock(path: Path) -> FolderLock:
     """This process's lock on ``path`` (re-entrant), or an unlocked read-only handle."""
-    ref = _HELD.get(str(path))
+    key = _key(path)
+    ref = _HELD.get(key)
     held = ref() if ref is not None else None
     if held is not None and held._fd is not None:
         return held
     got = _acquire(path)
     if got.writable:
-        _HELD[str(path)] = weakref.ref(got)
+        _HELD[key] = weakref.ref(got)
     return got
+
+
+def _key(path: Path) -> str:
+    """One key per folder, however it is spelled (symbolic links resolved)."""
+    try:
+        return str(path.resolve())
+    except OSError:
+        return str(path)
 
 
 def open_checkpoint_dir(directory: str | os.PathLike[str]) -> FolderLock:

@@ -373,7 +373,7 @@ def _check_settings(folder: Path, args: argparse.Namespace) -> str:
     except FileNotFoundError:
         return (
             f"{str(folder)!r} holds checkpoints without a record of their settings ("
-            f"{SETTINGS_FILE}, written by pnjax since 0.1.0's checkpoints), so --resume cannot "
+            f"{SETTINGS_FILE}; older pnjax versions did not write it), so --resume cannot "
             "check them; start afresh with an empty or new --checkpoint-dir"
         )
     except (OSError, ValueError, KeyError, TypeError):
@@ -436,7 +436,7 @@ def _checkpoint_folder(
 # Memory a run needs, measured on pnjax 0.1.0 (jax 0.10.2, CPU; see docs/long_runs.md):
 # a Python process with JAX and the models loaded, and the bytes every step or seed adds.
 BASE_BYTES = 400e6
-TOY_BYTES_PER_STEP = 24.0  # the loss curve and the trajectory keep every step
+TOY_BYTES_PER_STEP = 12.0  # the loss curve and the trajectory keep every step
 KINK_BYTES_PER_STEP_SEED = 8.0  # the re-init chunk's loss curve, per step and seed in a chunk
 KINK_BYTES_PER_SEED = 40e3  # params, curve, flags of a re-initialized seed, and plotting
 KINK_REINIT_CHUNK = 25
@@ -624,9 +624,8 @@ def main(argv: list[str] | None = None) -> int:
 
         message = " ".join(str(e).split()) or type(e).__name__
         if "RESOURCE_EXHAUSTED" in message:  # XLA could not allocate: the estimate was short
-            message = (
-                f"out of memory ({message[:200]}); use fewer --steps or --reinit"
-                + ("; continue with --resume" if getattr(args, "checkpointed", False) else "")
+            message = f"out of memory ({message[:200]}); use fewer --steps or --reinit" + (
+                "; continue with --resume" if getattr(args, "checkpointed", False) else ""
             )
         elif not isinstance(e, (ValueError, TypeError, OSError, CheckpointLockedError)):
             raise

@@ -362,7 +362,8 @@ def plot_kink(summary: dict[str, Any], arrays: dict[str, Any], path_png: str) ->
         ax.axhline(summary["reinit"]["best_loss"], color="k", ls="--", label="best re-init")
     ax.set_xlabel("iteration")
     ax.set_title("control: random anchor directions")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     ax = axes[2]
     grid = np.linspace(x.min(), x.max(), 400)[:, None].astype(np.float32)
     ax.plot(x[:, 0], y[:, 0], "k.", ms=6, label="data")
@@ -393,7 +394,8 @@ def plot_kink(summary: dict[str, Any], arrays: dict[str, Any], path_png: str) ->
                 label=f"plain run, seed {pbest['seed']} ({pbest['plain_loss']:.3f})",
             )
     ax.set_title("championship predictors")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path_png, dpi=110)
     plt.close(fig)
