@@ -247,22 +247,25 @@ def test_all_diverged_kink_is_strict_json_and_exits_1(capsys, tmp_path):
 
 
 def test_ctrl_c_stops_a_long_run_with_the_resume_hint(tmp_path):
+    """A compiled run of 5e7 steps does not return to Python for many seconds: pnjax 0.1.0 took
+    about 11 s to stop after Ctrl-C here (minutes with --steps 1e9); the main thread now waits
+    for the run in a worker thread and stops at once."""
     import signal
     import time
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    argv = ["toy2d", "--steps", "20000000", "--out", str(tmp_path / "o"),
+    argv = ["toy2d", "--steps", "50000000", "--out", str(tmp_path / "o"),
             "--checkpoint-dir", str(tmp_path / "c")]  # fmt: skip
     p = subprocess.Popen([sys.executable, "-m", "pnjax.cli", *argv], env=env,
                          stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         for line in p.stderr:
-            if "toy2d: plain" in line:  # training (one compiled program of 2e7 steps) started
+            if "toy2d: plain" in line:  # training (one compiled program of 5e7 steps) starts
                 break
-        time.sleep(2.0)
+        time.sleep(4.0)
         sent = time.perf_counter()
         p.send_signal(signal.SIGINT)
-        code = p.wait(timeout=60)
+        code = p.wait(timeout=120)
         waited = time.perf_counter() - sent
         err = p.stderr.read()
     finally:
@@ -270,4 +273,4 @@ def test_ctrl_c_stops_a_long_run_with_the_resume_hint(tmp_path):
         p.wait()
     assert code == 130 and "interrupted" in err and "--resume" in err, err
     assert "Traceback" not in err
-    assert waited < 10, f"Ctrl-C took {waited:.1f}s to stop the run"
+    assert waited < 3, f"Ctrl-C took {waited:.1f}s to stop the run"
