@@ -88,6 +88,7 @@ __all__ = [
     "driver_fingerprint",
     "fingerprint_differences",
     "foreign_entries",
+    "lock_folder",
     "open_checkpoint_dir",
     "restore_checkpoint",
     "save_checkpoint",
@@ -418,6 +419,21 @@ def _key(path: Path) -> str:
         return str(path.resolve())
     except OSError:
         return str(path)
+
+
+def lock_folder(directory: str | os.PathLike[str]) -> FolderLock:
+    """Takes the write lock of any folder (created if missing), e.g. a folder of checkpoint
+    folders; see :class:`FolderLock`.
+
+    Raises:
+      CheckpointFolderError: a bad path, or a folder that cannot be created or written.
+      CheckpointLockedError: another live process holds the lock.
+    """
+    path = _check_dir(directory)
+    _make_folder(path)
+    lock = _lock(path)
+    lock.require_writable("a lock must be taken in it")
+    return lock
 
 
 def open_checkpoint_dir(directory: str | os.PathLike[str]) -> FolderLock:

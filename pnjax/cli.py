@@ -412,7 +412,7 @@ def _checkpoint_folder(
     folder = folder / args.command
     if folder.exists() and not folder.is_dir():
         parser.error(f"checkpoint folder {str(folder)!r} is a file; pass a folder --checkpoint-dir")
-    holds = folder.is_dir() and any(folder.iterdir())
+    holds = folder.is_dir() and any(c.name != "pnjax.lock" for c in folder.iterdir())
     if holds and not resume:
         parser.error(
             f"--checkpoint-dir {str(folder.parent)!r} already holds checkpoints of a {args.command} "
@@ -433,12 +433,13 @@ def _checkpoint_folder(
     return folder, not holds
 
 
-# Memory a run needs, measured on pnjax 0.1.0 (jax 0.10.2, CPU; see docs/long_runs.md):
-# a Python process with JAX and the models loaded, and the bytes every step or seed adds.
-BASE_BYTES = 400e6
-TOY_BYTES_PER_STEP = 12.0  # the loss curve and the trajectory keep every step
-KINK_BYTES_PER_STEP_SEED = 8.0  # the re-init chunk's loss curve, per step and seed in a chunk
-KINK_BYTES_PER_SEED = 40e3  # params, curve, flags of a re-initialized seed, and plotting
+# Memory a run needs (pnjax 0.1.0, jax 0.10.2, CPU; peak resident size measured with
+# resource.getrusage, see docs/long_runs.md): a process with JAX and the kink experiment
+# loaded, and what every step or seed adds.
+BASE_BYTES = 450e6  # measured: 290 MB (toy2d), 430 MB (kink, 25 re-inits of 10 steps)
+TOY_BYTES_PER_STEP = 12.0  # measured: 333 -> 381 MB from 4e6 to 8e6 steps (curve, trajectory)
+KINK_BYTES_PER_STEP_SEED = 8.0  # the re-init scan keeps each step's loss (4 B), copied once
+KINK_BYTES_PER_SEED = 12e3  # measured: 434 -> 457 MB from 25 to 2,000 re-inits
 KINK_REINIT_CHUNK = 25
 
 
@@ -535,8 +536,10 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     args.checkpointed = ckdir is not None
     scope = contextlib.nullcontext()
     if ckdir is not None:
+        from pnjax.checkpoint import lock_folder
         from pnjax.fit import checkpoint_scope
 
+        lock = lock_folder(ckdir)  # a second process on this folder stops here, before training
         scope = checkpoint_scope(ckdir)
         say(f"checkpointing into {ckdir}")
     failed = ""
@@ -589,6 +592,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
             _in_worker(demo)
     say(f"done in {time.perf_counter() - t0:.0f}s")
+    if ckdir is not None:
+        lock.release()
     if failed:
         print(f"pnjax: {failed} (results in {str(out / 'results.json')!r})", file=sys.stderr)
         return 1

@@ -166,6 +166,28 @@ def test_resume_refuses_any_other_setting(capsys, tmp_path):
     assert code == 2 and "is damaged" in err
 
 
+def test_a_second_process_on_one_checkpoint_folder_is_refused(capsys, tmp_path):
+    argv = ["toy2d", "--steps", "50", "--iterations", "0", "--quiet", "--out",
+            str(tmp_path / "o"), "--checkpoint-dir", str(tmp_path / "ck"), "--resume"]  # fmt: skip
+    assert _main(argv, capsys)[0] == 0
+    (tmp_path / "o" / "results.json").unlink()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pnjax import checkpoint as c; "
+         "l = c.lock_folder(sys.argv[1]); print('locked', flush=True); time.sleep(120)",
+         str(tmp_path / "ck" / "toy2d")],
+        env=env, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = _main(argv, capsys)  # the same command again, while the first "runs"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2 and f"in use by another pnjax process (pid {holder.pid}" in err
+    assert err.count("\n") == 1 and not (tmp_path / "o" / "results.json").exists()
+
+
 def test_rejected_command_line_creates_nothing(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for argv, needle in [
