@@ -84,8 +84,9 @@ def check_score_fn(
     out = jax.eval_shape(score_fn, *args)
     shape = getattr(out, "shape", None)
     dtype = getattr(out, "dtype", None)
-    real = dtype is not None and (jnp.issubdtype(dtype, jnp.floating) or
-                                  jnp.issubdtype(dtype, jnp.integer))  # fmt: skip
+    real = dtype is not None and any(
+        jnp.issubdtype(dtype, kind) for kind in (jnp.floating, jnp.integer, jnp.bool_)
+    )
     if shape != () or not real:
         what = (
             f"shape {tuple(shape)} and dtype {dtype}"

@@ -13,9 +13,10 @@ What pnjax promises about a checkpoint folder (see ``docs/long_runs.md``):
   file, ``pnjax-step.json``; only marked step folders (and pnjax's own temporary folders) are
   ever deleted or moved aside. A folder holding digit-named entries that pnjax did not write is
   refused (:class:`CheckpointFolderError`); other foreign entries are left alone, with a warning.
-- **It verifies everything a resume reads.** The marker holds the SHA-256 of the step's
-  metadata JSON, and the metadata holds every leaf's shape, dtype and SHA-256, so a step whose
-  files were truncated or garbled after the fact is detected on restore:
+- **It verifies everything a resume reads.** The marker holds the SHA-256 of every file of
+  the step (its metadata JSON and orbax's files), and the metadata holds every leaf's shape,
+  dtype and SHA-256, so a step whose files were truncated, garbled, added or removed after the
+  fact is detected on restore:
   :func:`restore_checkpoint` then warns, moves the bad step aside (``corrupt-<step>``; left in
   place when the folder cannot be written) and falls back to the previous good one.
 - **One writer at a time.** A writer holds ``pnjax.lock`` (an ``flock`` on a file holding its
@@ -483,7 +484,20 @@ def checkpoint_steps(directory: str | os.PathLike[str]) -> list[int]:
 
 
 def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` (but the marker), by relative POSIX path."""
+    return {
+        f.relative_to(folder).as_posix(): _sha256_file(f)
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.relative_to(folder).as_posix() != STEP_MARK
+    }
 
 
 def _fsync_dir(path: Path) -> None:
@@ -512,7 +526,7 @@ def save_checkpoint(
     """Saves ``state`` and ``metadata`` as step ``step`` of ``directory``, atomically.
 
     The step is written under a temporary name, marked as pnjax's (``pnjax-step.json``, holding
-    the SHA-256 of the step's metadata) and renamed when complete; then only the newest
+    the SHA-256 of each of the step's files) and renamed when complete; then only the newest
     ``keep`` of pnjax's steps are kept. A step number that already exists is replaced. Nothing
     that pnjax did not write is deleted or renamed; a folder holding numbered entries pnjax did
     not write is refused. The folder's lock is held during the save (see
@@ -597,6 +611,7 @@ def _save_locked(
         "format": FORMAT_VERSION,
         "step": step,
         "meta_sha256": _sha256_file(tmp / "meta" / "metadata"),
+        "files": _file_hashes(tmp),  # every file a restore reads, orbax's own included
     }
     with open(tmp / STEP_MARK, "w") as f:
         f.write(json.dumps(mark))
@@ -623,6 +638,14 @@ def _read_step(path: Path, step: int) -> tuple[list[Any], dict[str, Any]]:
             raise ValueError(f"unexpected marker {str(mark)[:100]!r}")
         if _sha256_file(folder / "meta" / "metadata") != mark.get("meta_sha256"):
             raise ValueError("the step's metadata fails its checksum")
+        files, want = _file_hashes(folder), mark.get("files")
+        if files != want:
+            if not isinstance(want, dict):
+                raise ValueError("the step's marker lists no file checksums")
+            bad = sorted(k for k in set(files) | set(want) if files.get(k) != want.get(k))
+            raise ValueError(
+                f"{len(bad)} file(s) missing, added or failing their checksums ({bad[:3]})"
+            )
         meta = json.loads((folder / "meta" / "metadata").read_text())
         if meta.get("format") != FORMAT_VERSION or meta.get("step") != step:
             raise ValueError(f"unexpected format/step in metadata ({meta.get('format')!r})")

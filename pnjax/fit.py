@@ -779,10 +779,6 @@ def persistent_fit(
             f"checkpoint_dir must be a folder path (str or os.PathLike), got "
             f"{type(checkpoint_dir).__name__}."
         )
-    if checkpoint_dir is not None:  # path, ownership, writability and lock, before any tracing
-        from pnjax import checkpoint as ckpt
-
-        folder_lock = ckpt.open_checkpoint_dir(checkpoint_dir)
     every = None
     if checkpoint_every_epochs is not None:
         every = _check_positive_int("checkpoint_every_epochs", checkpoint_every_epochs)
@@ -794,6 +790,10 @@ def persistent_fit(
         if checkpoint_dir is None:
             raise ValueError("checkpoint_every_epochs needs checkpoint_dir=... to save into.")
     keep = _check_positive_int("checkpoint_keep", checkpoint_keep)
+    if checkpoint_dir is not None:  # path, ownership, writability and lock, before any tracing
+        from pnjax import checkpoint as ckpt
+
+        folder_lock = ckpt.open_checkpoint_dir(checkpoint_dir)
 
     has_state = model_state is not None
     if has_state:

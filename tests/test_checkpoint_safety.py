@@ -231,6 +231,23 @@ def test_garbled_step_marker_is_detected(tmp_path):
     assert got.step == 1 and got.metadata == {"s": 1}
 
 
+@pytest.mark.parametrize("damage", ["orbax_metadata", "extra_file", "missing_file"])
+def test_every_file_a_restore_reads_is_checksummed(tmp_path, damage):
+    for s in (1, 2):
+        ck.save_checkpoint(tmp_path, s, {"a": jnp.full(3, float(s))}, {"s": s})
+    step = tmp_path / "2"
+    if damage == "orbax_metadata":
+        f = step / "_CHECKPOINT_METADATA"
+        f.write_text(f.read_text().replace("}", ', "x": 1}', 1))
+    elif damage == "extra_file":
+        (step / "state" / "stray").write_bytes(b"x")
+    else:
+        (step / "state" / "_METADATA").unlink()
+    with pytest.warns(UserWarning, match="step 2 .* file\\(s\\) missing, added or failing"):
+        got = ck.restore_checkpoint(tmp_path)
+    assert got.step == 1 and got.metadata == {"s": 1}
+
+
 # ----------------------------------------------------------------------------- 5. fingerprints
 
 
