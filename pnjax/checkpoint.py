@@ -374,6 +374,9 @@ def _acquire(path: Path) -> FolderLock:
                 f"cannot write the lock file {str(lock)!r} ({e.strerror or e}); pass a writable "
                 "checkpoint folder."
             ) from None
+        if not os.access(path, os.W_OK | os.X_OK):  # e.g. a lock file left in a folder since
+            os.close(fd)  # made read-only: the file opens, the folder cannot take a new step
+            return FolderLock(path, None, False, "the folder is read-only")
         got = _try_flock(fd)
         if got is False:
             owner = _read_owner(lock)

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -384,9 +385,13 @@ def test_corrupt_newest_step_in_a_read_only_folder_falls_back_without_renaming(t
 
 def test_finished_run_in_a_read_only_folder_can_be_read_back(tmp_path):
     done = _fit(tmp_path, iterations=1)
+    (tmp_path / ck.LOCK_NAME).write_text("{}")  # as left by a killed run: the file is writable
     with _read_only(tmp_path):
         again = _fit(tmp_path, iterations=1)
     assert again.resumed_from == 2 and again.champion_iteration == done.champion_iteration
+    shutil.rmtree(tmp_path / "2")  # as if killed during the last iteration: work is left
+    with _read_only(tmp_path), pytest.raises(ValueError, match="is not writable"):
+        _fit(tmp_path, iterations=1)
 
 
 # ----------------------------------------------------------------------------- 9. inputs
