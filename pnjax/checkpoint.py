@@ -312,11 +312,13 @@ class FolderLock:
 
     def __init__(self, path: Path, fd: int | None, writable: bool, reason: str = "") -> None:
         self.path, self._fd, self.writable, self.reason = path, fd, writable, reason
+        self._pid = os.getpid()
 
     def release(self) -> None:
-        """Releases the lock (removes the lock file); a no-op if not held."""
+        """Releases the lock (removes the lock file); a no-op if not held (or in a forked child,
+        which must not remove its parent's lock)."""
         fd, self._fd = self._fd, None
-        if fd is None:
+        if fd is None or os.getpid() != self._pid:
             return
         key = _key(self.path)
         if key in _HELD and _HELD[key]() in (self, None):
