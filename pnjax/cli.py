@@ -433,13 +433,13 @@ def _checkpoint_folder(
     return folder, not holds
 
 
-# Memory a run needs (pnjax 0.1.0, jax 0.10.2, CPU; peak resident size measured with
-# resource.getrusage, see docs/long_runs.md): a process with JAX and the kink experiment
+# Memory a run needs (pnjax 0.1.0, jax 0.10.2, CPU; peak resident size measured by
+# benchmarks/cli_memory.py, see docs/long_runs.md): a process with JAX and the kink experiment
 # loaded, and what every step or seed adds.
-BASE_BYTES = 450e6  # measured: 290 MB (toy2d), 430 MB (kink, 25 re-inits of 10 steps)
-TOY_BYTES_PER_STEP = 12.0  # measured: 333 -> 381 MB from 4e6 to 8e6 steps (curve, trajectory)
+BASE_BYTES = 450e6  # measured: 340 MB (toy2d), 442 MB (kink, 25 re-inits of 10 steps)
+TOY_BYTES_PER_STEP = 12.5  # measured: 340 -> 391 MB from 4e6 to 8e6 steps (curve, trajectory)
 KINK_BYTES_PER_STEP_SEED = 8.0  # the re-init scan keeps each step's loss (4 B), copied once
-KINK_BYTES_PER_SEED = 12e3  # measured: 434 -> 457 MB from 25 to 2,000 re-inits
+KINK_BYTES_PER_SEED = 17e3  # measured: 442 -> 475 MB from 25 to 2,000 re-inits
 KINK_REINIT_CHUNK = 25
 
 
