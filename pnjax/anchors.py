@@ -170,10 +170,12 @@ class AnchorBank:
           A new bank with ``count + 1``.
 
         Raises:
-          ValueError: structure or shapes differ from the bank's, or the bank is full. Under
+          ValueError: structure or shapes differ from the bank's, the bank is stacked over
+            chains (see :meth:`check_consistent`), or the bank is full. Under
             ``jax.jit`` (traced ``count``) fullness cannot be checked: a push into a full bank
             then leaves it unchanged; check ``bank.count < bank.capacity`` before tracing.
         """
+        self.check_consistent()
         self.check_compatible(params)
         if _is_concrete(self.count) and int(np.max(np.asarray(self.count))) >= self.capacity:
             raise ValueError(

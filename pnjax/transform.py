@@ -118,6 +118,7 @@ def persistent_bias(
     ) -> tuple[PyTree, PersistentBiasState]:
         if params is None:
             raise ValueError(NO_PARAMS_MSG)
+        state.bank.check_consistent()  # a bank swapped in with tree_set
         if _has_masked(params):
             return _masked_update(updates, state, params, lam), state
         state.bank.check_compatible(params)
