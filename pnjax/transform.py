@@ -101,10 +101,9 @@ def persistent_bias(
             "pnjax.AnchorBank.create(params, capacity)."
         )
     check_lam(lam)
-    mask = _selection(bank, layers)
-
-    bank.check_consistent()
     check_scalar_lam(lam)
+    bank.check_consistent()
+    mask = _selection(bank, layers)
 
     def init_fn(params: PyTree) -> PersistentBiasState:
         if _has_masked(params):
