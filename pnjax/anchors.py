@@ -8,8 +8,10 @@ many anchors it holds; empty slots are masked out and contribute exactly zero.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -168,10 +170,12 @@ class AnchorBank:
           A new bank with ``count + 1``.
 
         Raises:
-          ValueError: structure or shapes differ from the bank's, or the bank is full. Under
+          ValueError: structure or shapes differ from the bank's, the bank is stacked over
+            chains (see :meth:`check_consistent`), or the bank is full. Under
             ``jax.jit`` (traced ``count``) fullness cannot be checked: a push into a full bank
             then leaves it unchanged; check ``bank.count < bank.capacity`` before tracing.
         """
+        self.check_consistent()
         self.check_compatible(params)
         if _is_concrete(self.count) and int(np.max(np.asarray(self.count))) >= self.capacity:
             raise ValueError(
@@ -179,14 +183,113 @@ class AnchorBank:
                 f"capacity={self.capacity}); create it with a larger capacity, e.g. "
                 "AnchorBank.create(params, capacity=iterations + 1)."
             )
-        slot = jnp.where(self.count < self.capacity, self.count, self.capacity)
-        anchors = jax.tree_util.tree_map(
-            lambda a, p: a.at[slot].set(jnp.asarray(p, a.dtype), mode="drop"), self.anchors, params
-        )
-        sq_norms = self.sq_norms.at[slot].set(layer_sq_norms(params), mode="drop")
-        count = jnp.minimum(self.count + 1, self.capacity).astype(jnp.int32)
-        return self.replace(anchors=anchors, sq_norms=sq_norms, count=count)
+        # One compiled program per bank layout (cached by jax.jit) instead of one small dispatch
+        # per leaf; under an outer jit it is traced into the caller's program.
+        if not _is_concrete(self.count) or any(
+            not _is_concrete(x) for x in jax.tree_util.tree_leaves(params)
+        ):
+            return _push(self, params)
+        return _eager_push()(self, params)
+
+    def check_consistent(self) -> None:
+        """Raises ``ValueError`` unless the bank's arrays agree with each other.
+
+        ``anchors`` leaves must share the leading ``capacity`` axis, ``sq_norms`` must be
+        ``[capacity, num_layers]`` and ``count`` a scalar. A bank stacked over chains (as
+        :func:`pnjax.run_chains` keeps them, with an extra leading axis) fails this check: take
+        one chain's bank with ``jax.tree.map(lambda x: x[c], bank)`` or work under ``jax.vmap``.
+        """
+        try:
+            chex.assert_rank(self.count, 0)
+            chex.assert_shape(self.sq_norms, (None, self.num_layers))
+            chex.assert_tree_shape_prefix(self.anchors, (self.capacity,))
+        except AssertionError as e:
+            raise ValueError(
+                f"inconsistent AnchorBank (count shape {np.shape(self.count)}, sq_norms shape "
+                f"{np.shape(self.sq_norms)}, {self.num_layers} layers): {e}. A bank stacked over "
+                "chains has an extra leading axis: index one chain (jax.tree.map(lambda x: x[c], "
+                "bank)) or call under jax.vmap."
+            ) from None
 
     def get(self, k: int) -> PyTree:
-        """The anchor in slot ``k`` (a params-shaped pytree)."""
+        """The anchor Θ_k stored in slot ``k`` (a params-shaped pytree).
+
+        Args:
+          k: a slot index with ``-count <= k < count``; negative values count from the newest
+            anchor (``get(-1)`` is the last one pushed). Under ``jax.jit`` (traced ``k`` or
+            ``count``) the index is not checked.
+
+        Returns:
+          A pytree shaped like the params the bank was created from.
+
+        Raises:
+          IndexError: slot ``k`` is empty or outside the bank.
+          ValueError: the bank is stacked over chains (``count`` is not a scalar).
+
+        Examples:
+          >>> import jax.numpy as jnp, pnjax
+          >>> bank = pnjax.AnchorBank.create({'w': jnp.zeros(2)}, capacity=3)
+          >>> bank = bank.push({'w': jnp.array([1.0, 2.0])})
+          >>> bank.get(0)['w']
+          Array([1., 2.], dtype=float32)
+          >>> bank.get(1)
+          Traceback (most recent call last):
+          ...
+          IndexError: AnchorBank.get(1): slot 1 is empty (count=1, capacity=3); ...
+        """
+        if np.ndim(self.count) != 0:
+            raise ValueError(
+                f"AnchorBank.get: this bank is stacked (count has shape {np.shape(self.count)}); "
+                "index one chain first: jax.tree.map(lambda x: x[c], bank).get(k)."
+            )
+        if _is_concrete(self.count) and _is_concrete(k):
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) and np.ndim(k) != 0:
+                raise IndexError(f"AnchorBank.get: k must be an int, got {k!r}.")
+            count, kk = int(self.count), int(k)
+            if kk < 0:
+                kk += count
+            if not 0 <= kk < count:
+                state = "is empty" if 0 <= int(k) < self.capacity else "is outside the bank"
+                raise IndexError(
+                    f"AnchorBank.get({k!r}): slot {k!r} {state} (count={count}, "
+                    f"capacity={self.capacity}); valid slots are 0..{count - 1} "
+                    f"(or -{count}..-1 from the newest)."
+                    if count
+                    else f"AnchorBank.get({k!r}): the bank is empty (count=0, "
+                    f"capacity={self.capacity}); push an anchor first."
+                )
+            k = kk
         return jax.tree_util.tree_map(lambda a: a[k], self.anchors)
+
+
+@functools.cache
+def _eager_push() -> Any:
+    """``_push`` compiled for eager calls: on the CPU at XLA optimization level 0.
+
+    The push only moves memory, and the optimizing LLVM passes are most of its compile time
+    (0.3 s instead of 0.6 s of CPU time for the kink MLP's bank, ``benchmarks/push_time.py``).
+    """
+    if jax.default_backend() == "cpu":
+        return jax.jit(_push_impl, compiler_options={"xla_backend_optimization_level": 0})
+    return _push
+
+
+def _push_impl(bank: AnchorBank, params: PyTree) -> AnchorBank:
+    # A full bank (possible only under an outer jit, where count is traced) is left unchanged:
+    # the last slot is rewritten with its own content. dynamic_update_slice, not a scatter.
+    full = bank.count >= bank.capacity
+    slot = jnp.minimum(bank.count, bank.capacity - 1)
+
+    def write(buf: jax.Array, new: jax.Array) -> jax.Array:
+        new = jnp.where(full, jax.lax.dynamic_index_in_dim(buf, slot, 0, False), new)
+        return jax.lax.dynamic_update_index_in_dim(buf, new.astype(buf.dtype), slot, 0)
+
+    anchors = jax.tree_util.tree_map(
+        lambda a, p: write(a, jnp.asarray(p, a.dtype)), bank.anchors, params
+    )
+    sq_norms = write(bank.sq_norms, layer_sq_norms(params))
+    count = jnp.minimum(bank.count + 1, bank.capacity).astype(jnp.int32)
+    return bank.replace(anchors=anchors, sq_norms=sq_norms, count=count)
+
+
+_push = jax.jit(_push_impl)

@@ -31,12 +31,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pnjax import __version__
+
 EPILOG = "Paper: Min, Persistent Neurons, arXiv:2007.01419. Docs: docs/ in the repository."
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, no traceback
         self.exit(2, f"pnjax: error: {message} (see '{self.prog} --help')\n")
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _nonneg_float(name: str):
@@ -47,6 +52,10 @@ def _nonneg_float(name: str):
             raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
         if not math.isfinite(value) or value < 0:
             raise argparse.ArgumentTypeError(f"{name} must be finite and >= 0, got {text!r}")
+        if value > _FLOAT32_MAX:  # the runs compute in float32
+            raise argparse.ArgumentTypeError(
+                f"{name} must fit in float32 (<= {_FLOAT32_MAX:.4g}), got {text!r}"
+            )
         return value
 
     return parse
@@ -150,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Persistent neurons in JAX: reproduce the paper's small experiments.",
         epilog=EPILOG,
     )
+    parser.add_argument("--version", action="version", version=f"pnjax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 

@@ -129,6 +129,7 @@ def layer_mask(
 
     Raises:
       ValueError: an unknown layer name, or a mask of the wrong shape.
+      TypeError: ``layers`` is none of the above (e.g. an int).
     """
     if isinstance(params_or_names, tuple) and all(isinstance(n, str) for n in params_or_names):
         names = params_or_names
@@ -145,6 +146,12 @@ def layer_mask(
         return jnp.asarray(layers, dtype)
     if isinstance(layers, str):
         layers = (layers,)
+    if not isinstance(layers, Sequence) and not isinstance(layers, (set, frozenset)):
+        raise TypeError(
+            f"layers must be None, a layer name, a sequence of names or a [num_layers] mask "
+            f"array, got {layers!r} ({type(layers).__name__}); the params have the layers "
+            f"{names} (see pnjax.layer_names(params))."
+        )
     unknown = [n for n in layers if n not in names]
     if unknown:
         raise ValueError(

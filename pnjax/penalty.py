@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,9 +79,12 @@ def layer_dots(params: PyTree, bank: AnchorBank) -> jax.Array:
     return jnp.stack(cols, axis=-1)
 
 
-def _inverse_sq_norms(bank: AnchorBank) -> jax.Array:
-    """``[capacity, num_layers]``: 1/||Θ_k^l||² for stored anchors with nonzero norm, else 0."""
-    sq = bank.sq_norms
+def _inverse_sq_norms(bank: AnchorBank, sq_norms: jax.Array | None = None) -> jax.Array:
+    """``[capacity, num_layers]``: 1/||Θ_k^l||² for stored anchors with nonzero norm, else 0.
+
+    ``sq_norms`` replaces the bank's cached norms (for norms over a subset of the leaves).
+    """
+    sq = bank.sq_norms if sq_norms is None else sq_norms
     ok = (sq > 0) & bank.valid[:, None]
     return jnp.where(ok, 1.0 / jnp.where(ok, sq, 1.0), 0.0)
 
@@ -92,13 +96,24 @@ def _check(params: PyTree, bank: AnchorBank, lam: Any) -> None:
             "pnjax.AnchorBank.create(params, capacity)."
         )
     check_lam(lam)
-    if jnp.ndim(lam) != 0:
-        raise ValueError(
-            f"lam must be a scalar here, got shape {tuple(jnp.shape(lam))}: the penalty is one "
-            "number per model. For one λ per chain use pnjax.run_chains(..., lam=[...]), or "
-            "jax.vmap the penalty over the chains' params and λ."
-        )
+    check_scalar_lam(lam)
+    bank.check_consistent()
     bank.check_compatible(params)
+
+
+def check_scalar_lam(lam: Any) -> None:
+    """Raises ``ValueError`` unless λ is a scalar (a traced scalar under ``vmap`` is one).
+
+    A per-chain ``[C]`` λ belongs under ``jax.vmap`` (or ``optax.inject_hyperparams``); outside
+    it would broadcast against the ``[capacity, num_layers]`` dot products and fail inside XLA.
+    """
+    try:
+        chex.assert_rank(lam, 0)
+    except AssertionError:
+        raise ValueError(
+            f"lam must be a scalar here, got shape {np.shape(lam)}; for one λ per chain map over "
+            "them with jax.vmap (or pass the array to pnjax.run_chains)."
+        ) from None
 
 
 def persistent_penalty(
@@ -167,13 +182,19 @@ def persistent_gradient(
     return _gradient_unchecked(params, bank, lam, _selection(bank, layers))
 
 
-def _gradient_unchecked(params: PyTree, bank: AnchorBank, lam: Any, mask: jax.Array) -> PyTree:
+def _gradient_unchecked(
+    params: PyTree,
+    bank: AnchorBank,
+    lam: Any,
+    mask: jax.Array,
+    sq_norms: jax.Array | None = None,
+) -> PyTree:
     layout = layer_layout(params)
     dots = layer_dots(params, bank)
     coef = (
         jnp.asarray(lam, dots.dtype)
         * jnp.sign(dots)
-        * _inverse_sq_norms(bank).astype(dots.dtype)
+        * _inverse_sq_norms(bank, sq_norms).astype(dots.dtype)
         * mask.astype(dots.dtype)
     )  # [capacity, num_layers]
     p_leaves, treedef = jax.tree_util.tree_flatten(params)

@@ -1,7 +1,9 @@
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_like
 
 import pnjax
 
@@ -65,3 +67,44 @@ def test_mismatched_structure_and_shapes(linen_params):
 def test_empty_params():
     with pytest.raises(ValueError, match="no array leaves"):
         pnjax.AnchorBank.create({}, capacity=2)
+
+
+def test_get_checks_the_slot(linen_params):
+    bank = pnjax.AnchorBank.create(linen_params, capacity=3)
+    with pytest.raises(IndexError, match="the bank is empty"):
+        bank.get(0)
+    a, b = random_like(linen_params, 1), random_like(linen_params, 2)
+    bank = bank.push(a).push(b)
+    chex.assert_trees_all_equal(bank.get(0), a)
+    chex.assert_trees_all_equal(bank.get(-1), b)
+    chex.assert_trees_all_equal(bank.get(-2), a)
+    with pytest.raises(IndexError, match=r"slot 2 is empty \(count=2, capacity=3\)"):
+        bank.get(2)
+    with pytest.raises(IndexError, match="slot 5 is outside the bank"):
+        bank.get(5)
+    with pytest.raises(IndexError, match="slot -3 is outside"):
+        bank.get(-3)
+
+
+def test_stacked_bank_is_refused_with_a_fix(linen_params):
+    bank = pnjax.AnchorBank.create(linen_params, capacity=2).push(linen_params)
+    stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), bank)
+    with pytest.raises(ValueError, match="index one chain first"):
+        stacked.get(0)
+    with pytest.raises(ValueError, match="inconsistent AnchorBank.*extra leading axis"):
+        pnjax.persistent_penalty(linen_params, stacked, 0.1)
+
+
+class PushVariantsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_push_fills_slots_in_order(self):
+        params = {"Dense_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.arange(3.0)}}
+        push = self.variant(lambda bank, p: bank.push(p))
+        bank = pnjax.AnchorBank.create(params, capacity=2)
+        bank = push(bank, params)
+        bank = push(bank, jax.tree_util.tree_map(lambda x: 2 * x, params))
+        assert int(bank.count) == 2
+        chex.assert_trees_all_close(
+            bank.anchors, jax.tree_util.tree_map(lambda x: jnp.stack([x, 2 * x]), params)
+        )
+        chex.assert_trees_all_close(bank.sq_norms, jnp.array([[11.0], [44.0]]))

@@ -1,8 +1,10 @@
+import chex
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from conftest import numpy_gradient, numpy_layers, numpy_penalty, random_like
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -36,9 +38,7 @@ def test_gradient_matches_numpy_and_autodiff(linen_params):
     ref = numpy_gradient(linen_params, anchors, 0.3)
     for name, vec in numpy_layers(g).items():
         np.testing.assert_allclose(vec, ref[name], rtol=1e-5, atol=1e-7)
-    jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g, auto
-    )
+    chex.assert_trees_all_close(g, auto, rtol=1e-5, atol=1e-7)
 
 
 def test_empty_bank_is_zero(linen_params):
@@ -143,6 +143,51 @@ def test_unknown_layer_and_mismatched_bank(linen_params):
         pnjax.persistent_penalty({"w": jnp.ones(3)}, bank, 0.1)
     with pytest.raises(TypeError, match="AnchorBank"):
         pnjax.persistent_penalty(linen_params, {"not": "a bank"}, 0.1)
+
+
+def test_layers_of_the_wrong_type(linen_params):
+    bank = _bank(linen_params, [linen_params])
+    with pytest.raises(TypeError, match=r"layers must be None, a layer name.*got 7 \(int\)"):
+        pnjax.persistent_penalty(linen_params, bank, 0.1, layers=7)
+
+
+def test_vector_lambda_outside_vmap(linen_params):
+    bank = _bank(linen_params, [linen_params])
+    with pytest.raises(ValueError, match=r"lam must be a scalar here, got shape \(3,\)"):
+        pnjax.persistent_penalty(linen_params, bank, jnp.array([0.1, 0.2, 0.3]))
+    # under vmap each chain's λ is a scalar
+    pens = jax.vmap(lambda lam: pnjax.persistent_penalty(linen_params, bank, lam))(
+        jnp.array([0.1, 0.2])
+    )
+    chex.assert_shape(pens, (2,))
+
+
+class PenaltyVariantsTest(chex.TestCase):
+    """Eq. 4/5 and Eq. 6 against float64 NumPy, traced under jit and run eagerly."""
+
+    def setUp(self):
+        super().setUp()
+        from conftest import TwoDense
+
+        self.params = TwoDense().init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+        self.anchors = [random_like(self.params, s) for s in range(3)]
+        self.bank = _bank(self.params, self.anchors, capacity=5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(("all", None), ("Dense_0", ("Dense_0",)))
+    def test_penalty_and_gradient(self, layers):
+        pen = self.variant(lambda p, b, lam: pnjax.persistent_penalty(p, b, lam, layers))
+        grad = self.variant(lambda p, b, lam: pnjax.persistent_gradient(p, b, lam, layers))
+        got = pen(self.params, self.bank, 0.01)
+        chex.assert_shape(got, ())
+        np.testing.assert_allclose(
+            float(got), numpy_penalty(self.params, self.anchors, 0.01, layers), rtol=1e-5
+        )
+        ref = numpy_gradient(self.params, self.anchors, 0.01, layers)
+        g = grad(self.params, self.bank, 0.01)
+        chex.assert_trees_all_equal_shapes_and_dtypes(g, self.params)
+        for name, vec in numpy_layers(g).items():
+            np.testing.assert_allclose(vec, ref[name], rtol=1e-5, atol=1e-8)
 
 
 # Property tests over random pytrees ---------------------------------------------------------

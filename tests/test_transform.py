@@ -1,9 +1,11 @@
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import TwoDense, random_like
+from absl.testing import parameterized
+from conftest import TwoDense, numpy_gradient, numpy_layers, random_like
 from flax import nnx
 
 import pnjax
@@ -17,7 +19,7 @@ def _bank(params, n=3, capacity=5):
 
 
 def _allclose(a, b, **kw):
-    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, **kw), a, b)
+    chex.assert_trees_all_close(a, b, **kw)
 
 
 @pytest.mark.parametrize("layers", [None, ("Dense_1",)])
@@ -192,3 +194,107 @@ def test_bfloat16_updates(linen_params):
     tx = optax.chain(pnjax.persistent_bias(bank, 0.1), optax.sgd(1e-2))
     upd, _ = tx.update(p16, tx.init(p16), p16)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(upd))
+
+
+# With and without jit (chex.variants), and inside Optax's wrappers --------------------------
+
+LAM = 0.05
+MASK_DENSE_1 = {"Dense_0": {"kernel": False, "bias": False}, "Dense_1": {"kernel": True, "bias": True}}
+
+
+class VariantsTest(chex.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.params = TwoDense().init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+        self.bank = _bank(self.params)
+        self.grads = random_like(self.params, 99)
+
+    def _update(self, tx):
+        """``tx.update(grads, init(params), params)`` through the variant (jit or not)."""
+        update = self.variant(tx.update)
+        upd, _ = update(self.grads, tx.init(self.params), self.params)
+        return upd
+
+    def _layers_form(self, layers):
+        return self._update(pnjax.persistent_bias(self.bank, LAM, layers=layers))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(("all", None), ("Dense_1", ("Dense_1",)))
+    def test_update_is_grads_plus_penalty_gradient(self, layers):
+        upd = self._update(pnjax.persistent_bias(self.bank, LAM, layers=layers))
+        pen_grad = jax.grad(pnjax.persistent_penalty)(self.params, self.bank, LAM, layers)
+        chex.assert_trees_all_close(
+            upd, jax.tree_util.tree_map(jnp.add, self.grads, pen_grad), rtol=1e-5, atol=1e-7
+        )
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(
+        ("leaf_mask", MASK_DENSE_1),
+        ("prefix_mask", {"Dense_0": False, "Dense_1": True}),
+        ("callable_mask", lambda p: {k: jax.tree_util.tree_map(lambda _, k=k: k == "Dense_1", v)
+                                     for k, v in p.items()}),
+    )
+    def test_masked_equals_layers_form(self, mask):
+        tx = optax.masked(pnjax.persistent_bias(self.bank, LAM), mask)
+        got = self._update(tx)
+        chex.assert_trees_all_close(got, self._layers_form(("Dense_1",)), rtol=1e-6, atol=1e-8)
+        # the masked-out layer got nothing
+        chex.assert_trees_all_equal(got["Dense_0"], self.grads["Dense_0"])
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_masked_everything_out_is_identity(self):
+        mask = jax.tree_util.tree_map(lambda _: False, self.params)
+        got = self._update(optax.masked(pnjax.persistent_bias(self.bank, LAM), mask))
+        chex.assert_trees_all_equal(got, self.grads)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_masked_part_of_a_layer_penalizes_the_kept_leaves(self):
+        """Kernels only: θ^l, Θ_k^l and ||Θ_k^l||² are over the kernels (Eq. 6 on the subtree)."""
+        mask = {n: {"kernel": True, "bias": False} for n in self.params}
+        got = self._update(optax.masked(pnjax.persistent_bias(self.bank, LAM), mask))
+        kernels = {n: {"kernel": self.params[n]["kernel"]} for n in self.params}
+        anchors = [
+            {n: {"kernel": self.bank.get(k)[n]["kernel"]} for n in self.params}
+            for k in range(int(self.bank.count))
+        ]
+        ref = numpy_gradient(kernels, anchors, LAM)
+        bias = jax.tree_util.tree_map(jnp.subtract, got, self.grads)
+        for name, vec in numpy_layers({n: {"kernel": bias[n]["kernel"]} for n in bias}).items():
+            np.testing.assert_allclose(vec, ref[name], rtol=1e-5, atol=1e-7)
+            assert np.abs(ref[name]).max() > 0
+        chex.assert_trees_all_equal(
+            {n: bias[n]["bias"] for n in bias},
+            {n: jnp.zeros_like(self.params[n]["bias"]) for n in self.params},
+        )
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_partition_equals_layers_form(self):
+        lr = 0.1
+        labels = {"Dense_0": {"kernel": "plain", "bias": "plain"},
+                  "Dense_1": {"kernel": "pen", "bias": "pen"}}
+        tx = optax.partition(
+            {"pen": optax.chain(pnjax.persistent_bias(self.bank, LAM), optax.sgd(lr)),
+             "plain": optax.sgd(lr)},
+            labels,
+        )
+        want_tx = optax.chain(
+            pnjax.persistent_bias(self.bank, LAM, layers=("Dense_1",)), optax.sgd(lr)
+        )
+        chex.assert_trees_all_close(
+            self._update(tx), self._update(want_tx), rtol=1e-6, atol=1e-8
+        )
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_masked_inject_hyperparams(self):
+        inner = optax.inject_hyperparams(pnjax.persistent_bias)(bank=self.bank, lam=LAM)
+        got = self._update(optax.masked(inner, MASK_DENSE_1))
+        chex.assert_trees_all_close(got, self._layers_form(("Dense_1",)), rtol=1e-6, atol=1e-8)
+
+    def test_masked_with_mismatched_params(self):
+        tx = optax.masked(pnjax.persistent_bias(self.bank, LAM), {"w": False, "v": True})
+        with pytest.raises(ValueError, match="tree structure"):
+            tx.init({"w": jnp.ones(2), "v": jnp.ones(2)})
+
+    def test_vector_lam_is_refused(self):
+        with pytest.raises(ValueError, match="lam must be a scalar"):
+            pnjax.persistent_bias(self.bank, jnp.array([0.1, 0.2]))

@@ -45,13 +45,16 @@ class ResNet18(nn.Module):
     ``epsilon=1e-5``) and keeps its running statistics in the ``batch_stats`` collection.
 
     Examples:
+      Shapes only (``jax.eval_shape`` traces without computing; drop it to run the model):
+
       >>> import jax, jax.numpy as jnp
       >>> model = ResNet18(num_classes=10)
       >>> x = jnp.zeros((2, 32, 32, 3))
-      >>> variables = model.init(jax.random.key(0), x, train=False)
-      >>> logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
-      >>> logits.shape
-      (2, 10)
+      >>> variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+      >>> logits, updates = jax.eval_shape(
+      ...     lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]), variables)
+      >>> logits.shape, sorted(updates)
+      ((2, 10), ['batch_stats'])
 
     Attributes:
       num_classes: number of output logits.
