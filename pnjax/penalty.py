@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,13 +106,11 @@ def check_scalar_lam(lam: Any) -> None:
     A per-chain ``[C]`` λ belongs under ``jax.vmap`` (or ``optax.inject_hyperparams``); outside
     it would broadcast against the ``[capacity, num_layers]`` dot products and fail inside XLA.
     """
-    try:
-        chex.assert_rank(lam, 0)
-    except AssertionError:
+    if jnp.ndim(lam) != 0:  # not chex.assert_rank: it reads a list as a sequence of inputs
         raise ValueError(
             f"lam must be a scalar here, got shape {np.shape(lam)}; for one λ per chain map over "
             "them with jax.vmap (or pass the array to pnjax.run_chains)."
-        ) from None
+        )
 
 
 def persistent_penalty(
