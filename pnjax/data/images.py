@@ -129,9 +129,7 @@ def check_prepared(name: str, data_dir: str | os.PathLike[str]) -> Path:
     )
 
 
-def load_images(
-    name: str = "cifar10", data_dir: str | os.PathLike[str] | None = None
-) -> ImageData:
+def load_images(name: str = "cifar10", data_dir: str | os.PathLike[str] | None = None) -> ImageData:
     """Reads a prepared data set and decodes it once into uint8 arrays.
 
     Args:
@@ -151,7 +149,11 @@ def load_images(
     t0 = time.perf_counter()
     try:
         builder = tfds.builder_from_directory(str(folder))
-        pixels = str(builder.info.metadata.get("pixels", "original")) if builder.info.metadata else "original"
+        pixels = (
+            str(builder.info.metadata.get("pixels", "original"))
+            if builder.info.metadata
+            else "original"
+        )
         sources = builder.as_data_source(decoders={"image": tfds.decode.SkipDecoding()})
         arrays = {}
         for split in ("train", "test"):

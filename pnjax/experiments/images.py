@@ -209,11 +209,16 @@ def make_problem(
 
     def init(key: jax.Array) -> tuple[Any, Any]:
         x = normalize(jnp.asarray(sample), mean, std)
-        variables = module.init(jax.random.fold_in(key, 1), x, **({"train": False} if has_state else {}))
+        variables = module.init(
+            jax.random.fold_in(key, 1), x, **({"train": False} if has_state else {})
+        )
         params = redraw_init(variables["params"], key, proto.init_std)
         if not has_state:
             return params, None
-        return params, {"batch_stats": variables["batch_stats"], "aug_step": jnp.zeros((), jnp.int32)}
+        return params, {
+            "batch_stats": variables["batch_stats"],
+            "aug_step": jnp.zeros((), jnp.int32),
+        }
 
     def xent(logits: jax.Array, y: jax.Array) -> jax.Array:
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
@@ -340,7 +345,11 @@ def run_method(
     def record(n: int, info: dict[str, Any], tag: str) -> None:
         state = info.get("model_state")
         val = -float(info["score"])
-        test = float(acc(info["params"], state, test_x, test_y)) if info["params"] is not None else float("nan")
+        test = (
+            float(acc(info["params"], state, test_x, test_y))
+            if info["params"] is not None
+            else float("nan")
+        )
         now = time.perf_counter()
         if not info.get("resumed"):
             seconds[tag] = now - clock[0]
@@ -517,9 +526,7 @@ def run_images(
             "jax": jax.__version__,
             "backend": jax.default_backend(),
         },
-        "paper": {
-            k: v for k, v in (PAPER.get((model, mode, proto.init_std)) or {}).items()
-        },
+        "paper": {k: v for k, v in (PAPER.get((model, mode, proto.init_std)) or {}).items()},
         "runs": [],
     }
     t0 = time.perf_counter()

@@ -101,6 +101,9 @@ def run_images_command(args: argparse.Namespace, say: Any) -> int:
             "--batch-size or a larger --train-size"
         )
     ckdir = args.checkpoint_dir or args.out / "checkpoints"
+    if not jax.config.jax_compilation_cache_dir:
+        # every run of one experiment compiles the same programs: keep them on disk
+        jax.config.update("jax_compilation_cache_dir", str(ckdir / "jax-cache"))
     say(f"checkpoints in {ckdir} (rerun the same command to continue after a kill)")
     results = run_images(
         data, model=args.model, mode=args.mode, protocol=args.protocol, proto=proto,
