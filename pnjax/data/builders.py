@@ -96,9 +96,8 @@ def _builder_class(name: str) -> Any:
 
         def _generate_examples(self, split: str) -> Any:
             assert self._source is not None
-            for s, i, label, data in self._source.records():
-                if s == split:
-                    yield i, {"image": data, "label": label, "index": i}
+            for _, i, label, data in self._source.records(split):
+                yield i, {"image": data, "label": label, "index": i}
 
     _Builder.name = builder_name(name)
     _CLASSES[name] = _Builder

@@ -59,8 +59,9 @@ class Source:
         ``'image-folder'``, ``'idx'``).
       pixels: ``'original'`` or ``'lossy JPEG'`` (some images were JPEG-encoded).
       root: the folder read (inside a temporary extraction for a tar).
-      records: a function returning a fresh iterator of ``(split, index, label, bytes)``, the
-        bytes an encoded image (PNG for array sources, the file's own bytes for image files).
+      records: ``records(split)`` returns a fresh iterator of ``(split, index, label, bytes)``
+        over ``split`` (``'train'`` or ``'test'``), the bytes an encoded image (PNG for array
+        sources, the file's own bytes for image files).
       counts: number of images per split.
     """
 
@@ -68,7 +69,7 @@ class Source:
     layout: str
     pixels: str
     root: Path
-    records: Callable[[], Iterator[Record]]
+    records: Callable[[str], Iterator[Record]]
     counts: dict[str, int]
 
 
@@ -231,10 +232,10 @@ def _cifar_arrays(d, layout, reader, train_files, test_file, origin) -> Source:
                 f"batches with {prepare_hint('cifar10')}"
             )
 
-    def records() -> Iterator[Record]:
-        for s, (x, y) in arrays.items():
-            for i in range(len(y)):
-                yield s, i, int(y[i]), png_bytes(x[i])
+    def records(split: str) -> Iterator[Record]:
+        x, y = arrays[split]
+        for i in range(len(y)):
+            yield split, i, int(y[i]), png_bytes(x[i])
 
     counts = {s: len(y) for s, (_, y) in arrays.items()}
     return Source("cifar10", layout, ORIGINAL, d, records, counts)
@@ -272,24 +273,23 @@ def _image_folder(
             rows += [(p, label) for p in imgs]
         files[split] = rows
 
-    def records() -> Iterator[Record]:
-        for split, rows in files.items():
-            for i, (p, label) in enumerate(rows):
-                data = p.read_bytes()
-                rel = p.relative_to(d)
-                what = f"image {str(rel)!r} in {str(origin)!r}"
-                try:
-                    arr = decode_image(data, what)
-                except DataError as e:
-                    raise DataError(
-                        f"{e}; replace or delete it, then rerun {prepare_hint(name, origin)}"
-                    ) from None
-                if arr.shape != shape:
-                    raise DataError(
-                        f"{what} has shape {list(arr.shape)}, not {list(shape)}; replace or "
-                        f"delete it, then rerun {prepare_hint(name, origin)}"
-                    )
-                yield split, i, label, data
+    def records(split: str) -> Iterator[Record]:
+        for i, (p, label) in enumerate(files[split]):
+            data = p.read_bytes()
+            rel = p.relative_to(d)
+            what = f"image {str(rel)!r} in {str(origin)!r}"
+            try:
+                arr = decode_image(data, what)
+            except DataError as e:
+                raise DataError(
+                    f"{e}; replace or delete it, then rerun {prepare_hint(name, origin)}"
+                ) from None
+            if arr.shape != shape:
+                raise DataError(
+                    f"{what} has shape {list(arr.shape)}, not {list(shape)}; replace or "
+                    f"delete it, then rerun {prepare_hint(name, origin)}"
+                )
+            yield split, i, label, data
 
     counts = {s: len(r) for s, r in files.items()}
     return Source(name, "image-folder", LOSSY_JPEG if jpeg else ORIGINAL, d, records, counts)
@@ -358,10 +358,10 @@ def fashion_mnist_source(root: Path, origin: str | Path) -> Source:
             )
         arrays[split] = (x, y)
 
-    def records() -> Iterator[Record]:
-        for s, (x, y) in arrays.items():
-            for i in range(len(y)):
-                yield s, i, int(y[i]), png_bytes(x[i])
+    def records(split: str) -> Iterator[Record]:
+        x, y = arrays[split]
+        for i in range(len(y)):
+            yield split, i, int(y[i]), png_bytes(x[i])
 
     counts = {s: len(y) for s, (_, y) in arrays.items()}
     return Source("fashion_mnist", "idx", ORIGINAL, d, records, counts)
