@@ -20,6 +20,9 @@ SECTIONS = {
     "Models (pnjax.models)": ["models.KinkMLP", "models.LeNet5", "models.AlexNet",
                               "models.ResNet18", "models.max_pool", "models.dense.matmul",
                               "models.dense.dot_general"],
+    "Data (pnjax.data)": ["data.prepare", "data.load_images", "data.ImageData",
+                          "data.split_test", "data.channel_stats", "data.normalize",
+                          "data.augment", "data.DataError"],
 }
 
 
@@ -44,7 +47,11 @@ def render(name: str) -> str:
         sig = ""
     else:
         # Flax modules: drop the framework's own parent/name fields
-        kept = [p for n, p in signature.parameters.items() if n not in ("parent", "name")]
+        flax_module = inspect.isclass(obj) and any(
+            c.__module__.startswith("flax.") for c in inspect.getmro(obj)[1:]
+        )
+        drop = ("parent", "name") if flax_module else ()
+        kept = [p for n, p in signature.parameters.items() if n not in drop]
         sig = str(signature.replace(parameters=kept))
         sig = re.sub(r"<function ([\w.<>]+?) at 0x[0-9a-f]+>", r"\1", sig)
     doc = inspect.getdoc(obj) or ""
