@@ -123,6 +123,20 @@ def test_jpeg_tar_builds_and_reads_back_the_real_pixels_and_labels(prepared, jpe
 
 
 @needs_cifar
+def test_decoded_copy_is_reused_and_a_damaged_one_ignored(prepared):
+    first = load_images("cifar10", prepared)
+    again = load_images("cifar10", prepared)
+    assert again.from_cache and again.decode_seconds == first.decode_seconds
+    np.testing.assert_array_equal(again.train_x, first.train_x)
+    np.testing.assert_array_equal(again.test_y, first.test_y)
+    cache = next(prepared.glob("pnjax_cifar10/1.0.0/pnjax-decoded.npz"))
+    cache.write_bytes(cache.read_bytes()[:1000])
+    third = load_images("cifar10", prepared)
+    assert not third.from_cache
+    np.testing.assert_array_equal(third.train_x, first.train_x)
+
+
+@needs_cifar
 @pytest.mark.parametrize("binary", [False, True])
 def test_original_batches_build_with_exact_pixels(jpeg_tree, tmp_path, binary):
     x, tx, folder = _batches(jpeg_tree, tmp_path / "src", binary)

@@ -76,7 +76,8 @@ def run_data(args: argparse.Namespace, say: Any) -> int:
     print(
         f"{args.name} in {data.source}: {len(data.train_y)} train + {len(data.test_y)} test "
         f"images {list(data.train_x.shape[1:])}, pixels {data.pixels}; decoded in "
-        f"{data.decode_seconds:.1f} s ({data.images_per_second:,.0f} images/s)",
+        f"{data.decode_seconds:.1f} s ({data.images_per_second:,.0f} images/s)"
+        + (" when first read (now read back from the decoded copy)" if data.from_cache else ""),
         file=sys.stdout,
     )
     return 0

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import time
+import zipfile
 from pathlib import Path
 
 import jax
@@ -49,7 +50,9 @@ class ImageData:
       classes: class names in label order.
       pixels: ``'original'`` or ``'lossy JPEG'``: say so wherever a result uses the latter.
       source: the prepared folder read.
-      decode_seconds: wall time of reading and decoding every image.
+      decode_seconds: wall time of reading and decoding every image (the first time).
+      from_cache: the arrays came from the decoded copy saved beside the shards
+        (``pnjax-decoded.npz``, written by the first :func:`load_images`).
     """
 
     name: str
@@ -61,6 +64,7 @@ class ImageData:
     pixels: str
     source: str
     decode_seconds: float = 0.0
+    from_cache: bool = False
 
     @property
     def images_per_second(self) -> float:
@@ -132,6 +136,9 @@ def check_prepared(name: str, data_dir: str | os.PathLike[str]) -> Path:
 def load_images(name: str = "cifar10", data_dir: str | os.PathLike[str] | None = None) -> ImageData:
     """Reads a prepared data set and decodes it once into uint8 arrays.
 
+    The first call decodes every image (``tfds.data_source``, PIL) and saves the arrays beside
+    the shards (``pnjax-decoded.npz``, uncompressed); later calls read that file back.
+
     Args:
       name: ``'cifar10'`` or ``'fashion_mnist'``.
       data_dir: the TFDS data folder (default ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``).
@@ -144,16 +151,77 @@ def load_images(name: str = "cifar10", data_dir: str | os.PathLike[str] | None =
     """
     data_dir = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     folder = check_prepared(name, data_dir)
+    cache = folder / DECODED
+    found = _read_cache(cache, folder)
+    if found is not None:
+        arrays, pixels, seconds = found
+        from_cache = True
+    else:
+        t0 = time.perf_counter()
+        arrays, pixels = _decode(folder, name, data_dir)
+        seconds = time.perf_counter() - t0
+        from_cache = False
+        _write_cache(cache, arrays, pixels, seconds)
+    return ImageData(
+        name=name,
+        train_x=arrays["train"][0],
+        train_y=arrays["train"][1],
+        test_x=arrays["test"][0],
+        test_y=arrays["test"][1],
+        classes=CLASSES[name],
+        pixels=pixels,
+        source=str(folder),
+        decode_seconds=seconds,
+        from_cache=from_cache,
+    )
+
+
+DECODED = "pnjax-decoded.npz"
+
+
+def _read_cache(cache: Path, folder: Path) -> tuple[dict, str, float] | None:
+    """The decoded arrays saved beside the shards, if complete and newer than them."""
+    try:
+        if cache.stat().st_mtime < (folder / "dataset_info.json").stat().st_mtime:
+            return None
+        with np.load(cache, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            arrays = {s: (z[f"{s}_x"], z[f"{s}_y"]) for s in ("train", "test")}
+        for s, (x, y) in arrays.items():
+            if x.dtype != np.uint8 or len(x) != len(y) or len(y) != meta["counts"][s]:
+                return None
+        return arrays, str(meta["pixels"]), float(meta["decode_seconds"])
+    except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile):
+        return None
+
+
+def _write_cache(cache: Path, arrays: dict, pixels: str, seconds: float) -> None:
+    """Saves the decoded arrays (uncompressed) so later runs skip decoding; best effort."""
+    meta = {
+        "pixels": pixels,
+        "decode_seconds": seconds,
+        "counts": {s: int(len(y)) for s, (_, y) in arrays.items()},
+    }
+    tmp = cache.with_name(cache.name + ".tmp.npz")
+    try:
+        np.savez(
+            tmp,
+            meta=np.asarray(json.dumps(meta)),
+            **{f"{s}_{k}": a for s, (x, y) in arrays.items() for k, a in (("x", x), ("y", y))},
+        )
+        tmp.replace(cache)
+    except OSError:  # a read-only data folder: decode every time
+        tmp.unlink(missing_ok=True)
+
+
+def _decode(folder: Path, name: str, data_dir: Path) -> tuple[dict, str]:
+    """Reads every example with ``tfds`` (no TensorFlow) and decodes its image."""
     import tensorflow_datasets as tfds
 
-    t0 = time.perf_counter()
     try:
         builder = tfds.builder_from_directory(str(folder))
-        pixels = (
-            str(builder.info.metadata.get("pixels", "original"))
-            if builder.info.metadata
-            else "original"
-        )
+        meta = builder.info.metadata or {}
+        pixels = str(meta.get("pixels", "original"))
         sources = builder.as_data_source(decoders={"image": tfds.decode.SkipDecoding()})
         arrays = {}
         for split in ("train", "test"):
@@ -184,18 +252,7 @@ def load_images(name: str = "cifar10", data_dir: str | os.PathLike[str] | None =
             f"cannot read {name} from {str(folder)!r} ({type(e).__name__}: {why}); "
             f"{_fix(name, data_dir)}"
         ) from None
-    seconds = time.perf_counter() - t0
-    return ImageData(
-        name=name,
-        train_x=arrays["train"][0],
-        train_y=arrays["train"][1],
-        test_x=arrays["test"][0],
-        test_y=arrays["test"][1],
-        classes=CLASSES[name],
-        pixels=pixels,
-        source=str(folder),
-        decode_seconds=seconds,
-    )
+    return arrays, pixels
 
 
 def split_test(num: int, seed: int, val_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -93,7 +93,8 @@ def run_images_command(args: argparse.Namespace, say: Any) -> int:
     say(
         f"{data.name}: {len(data.train_y)} train + {len(data.test_y)} test images "
         f"({data.pixels} pixels) decoded in {data.decode_seconds:.1f} s "
-        f"({data.images_per_second:,.0f} images/s); backend {jax.default_backend()}"
+        f"({data.images_per_second:,.0f} images/s){' when first read' if data.from_cache else ''}"
+        f"; backend {jax.default_backend()}"
     )
     if proto.batch_size > min(len(data.train_y), proto.train_size or len(data.train_y)):
         raise ValueError(
