@@ -135,7 +135,7 @@ def pnjax_side(data, seed: int, epochs: int) -> dict:
     val_x, val_y = (jnp.asarray(a) for a in splits.val)
     test_x, test_y = (jnp.asarray(a) for a in splits.test)
     acc = jax.jit(prob.accuracy)
-    train = {k: v for k, v in splits.train.items() if k != "i"}
+    train = splits.train
 
     def fit(e: int):
         t0 = time.perf_counter()

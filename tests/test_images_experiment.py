@@ -146,3 +146,22 @@ def test_images_run_resumes_after_sigkill_and_equals_an_uninterrupted_run(tiny_c
     )
     assert (tmp_path / "a" / "images.png").stat().st_size > 0
     assert "persistent" in out and "restarts" in out
+
+
+def test_resnet_problem_threads_batch_stats_and_the_augmentation_step():
+    proto = ex.get_protocol("paper", "resnet18", "partial")
+    mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
+    sample = np.zeros((1, 32, 32, 3), np.uint8)
+    prob = ex.make_problem("resnet18", proto, mean, std, sample)
+    params, state = jax.eval_shape(prob.init, jax.random.key(0))
+    assert prob.has_state and set(state) == {"batch_stats", "aug_step"}
+    batch = {"x": jax.ShapeDtypeStruct((4, 32, 32, 3), np.uint8),
+             "y": jax.ShapeDtypeStruct((4,), np.int32)}  # fmt: skip
+    loss, new = jax.eval_shape(prob.loss_fn, params, state, batch)
+    assert loss.shape == () and jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(
+        state
+    )
+    assert new["aug_step"].dtype == np.int32 and new["aug_step"].shape == ()
+    with pytest.raises(ValueError, match="only resnet18 augments"):
+        ex.make_problem("lenet5", ex.get_protocol("cpu", "lenet5", "full", augment=True), mean,
+                        std, sample)  # fmt: skip

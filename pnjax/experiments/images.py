@@ -206,6 +206,11 @@ def make_problem(
     module = make_model(model)
     mean, std = jnp.asarray(mean), jnp.asarray(std)
     has_state = model == "resnet18"
+    if proto.augment and not has_state:
+        raise ValueError(
+            f"augmentation draws its key from a step counter in the model state; {model} has "
+            "none (only resnet18 augments)."
+        )
 
     def init(key: jax.Array) -> tuple[Any, Any]:
         x = normalize(jnp.asarray(sample), mean, std)
@@ -242,12 +247,8 @@ def make_problem(
     else:
 
         def loss_fn(params, batch):
-            x = batch["x"]
-            if proto.augment:
-                key = jax.random.key(aug_seed)
-                key = jax.random.fold_in(key, jnp.sum(batch["i"]).astype(jnp.uint32))
-                x = augment(key, x)
-            return xent(module.apply({"params": params}, normalize(x, mean, std)), batch["y"])
+            logits = module.apply({"params": params}, normalize(batch["x"], mean, std))
+            return xent(logits, batch["y"])
 
     def accuracy(params, state, x, y):
         n = x.shape[0]
@@ -282,11 +283,7 @@ def make_splits(data: ImageData, seed: int, train_size: int | None) -> Splits:
     """The training images (the first ``train_size``) and the seed's validation/test cut."""
     n = len(data.train_y) if train_size is None else min(train_size, len(data.train_y))
     val_idx, test_idx = split_test(len(data.test_y), seed)
-    train = {
-        "x": data.train_x[:n],
-        "y": data.train_y[:n].astype(np.int32),
-        "i": np.arange(n, dtype=np.int32),
-    }
+    train = {"x": data.train_x[:n], "y": data.train_y[:n].astype(np.int32)}
     return Splits(
         train,
         (data.test_x[val_idx], data.test_y[val_idx].astype(np.int32)),
