@@ -456,6 +456,7 @@ def plot_images(results: dict[str, Any], path_png: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     runs = results["runs"]
     methods = list(dict.fromkeys(r["method"] for r in runs))
@@ -474,6 +475,7 @@ def plot_images(results: dict[str, Any], path_png: str | Path) -> None:
             if c >= 0:
                 ax.plot([c], [val[c]], "ko", mfc="none", ms=8)
         ax.set_title(method)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("restart" if method == "restarts" else "iteration")
     axes[0][0].set_ylabel("error (%)  red: validation, blue: test")
     cfg = results.get("config", {})
