@@ -165,3 +165,15 @@ def test_resnet_problem_threads_batch_stats_and_the_augmentation_step():
     with pytest.raises(ValueError, match="only resnet18 augments"):
         ex.make_problem("lenet5", ex.get_protocol("cpu", "lenet5", "full", augment=True), mean,
                         std, sample)  # fmt: skip
+
+
+def test_images_command_bad_arguments_get_one_line_and_exit_2(tmp_path, capsys):
+    from pnjax.cli import main
+
+    code = main(["images", "--dataset", "fashion_mnist", "--model", "alexnet",
+                 "--out", str(tmp_path), "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "with --dataset fashion_mnist use --model lenet5" in err
+    with pytest.raises(SystemExit) as e:
+        main(["images", "--methods", "dropout", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "invalid choice: 'dropout'" in capsys.readouterr().err
