@@ -306,7 +306,7 @@ def test_split_is_the_papers_and_seeded():
 
 def test_channel_stats_match_numpy():
     x = np.random.default_rng(0).integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
-    mean, std = channel_stats(x, chunk=7)
+    mean, std = channel_stats(x)
     ref = x.reshape(-1, 3) / 255.0
     np.testing.assert_allclose(mean, ref.mean(0), rtol=1e-5)
     np.testing.assert_allclose(std, ref.std(0), rtol=1e-5)
