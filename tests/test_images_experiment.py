@@ -46,8 +46,9 @@ def test_protocols_paper_is_design_section_4_and_overrides_apply():
 def test_redraw_init_pytorch_default_and_normal():
     from pnjax.models import LeNet5
 
-    params = LeNet5().init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))["params"]
-    torch_like = ex.redraw_init(params, jax.random.key(1), None)
+    x = np.zeros((1, 32, 32, 3), np.float32)
+    params = jax.jit(LeNet5().init)(jax.random.key(0), x)["params"]
+    torch_like = jax.jit(lambda p, k: ex.redraw_init(p, k, None))(params, jax.random.key(1))
     for name, layer in torch_like.items():
         fan_in = int(np.prod(layer["kernel"].shape[:-1]))
         bound = 1 / np.sqrt(fan_in)
@@ -56,7 +57,7 @@ def test_redraw_init_pytorch_default_and_normal():
         # uniform on [-b, b]: the largest draw of the kernel comes close to the bound
         assert np.abs(layer["kernel"]).max() > 0.8 * bound
         assert np.abs(layer["bias"]).max() > 0  # biases are drawn too (PyTorch), not zero
-    normal = ex.redraw_init(params, jax.random.key(1), 0.2)
+    normal = jax.jit(lambda p, k: ex.redraw_init(p, k, 0.2))(params, jax.random.key(1))
     k = np.asarray(normal["Dense_0"]["kernel"])
     assert abs(k.std() - 0.2) < 0.01 and abs(k.mean()) < 0.01
 

@@ -267,7 +267,8 @@ def make_problem(
         hits = jax.lax.map(one, (x.reshape(n // c, c, *x.shape[1:]), y.reshape(n // c, c)))
         return jnp.sum(hits) / n
 
-    return Problem(module, has_state, init, loss_fn, accuracy)
+    # jitted: eager, the dozens of small random draws each compile (minutes on a loaded CPU)
+    return Problem(module, has_state, jax.jit(init), loss_fn, accuracy)
 
 
 @dataclasses.dataclass(frozen=True)
