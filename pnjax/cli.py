@@ -247,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-controls", action="store_true", help="skip the random-anchor and scaled-init controls"
     )
     _checkpointing(kink)
+    from pnjax.data.cli import add_data_command
+    from pnjax.experiments.images_cli import add_images_command
+
+    add_data_command(sub, EPILOG)
+    add_images_command(sub, EPILOG)
     return parser
 
 
@@ -532,6 +537,8 @@ def _in_worker(fn: Callable[[], Any]) -> Any:
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if hasattr(args, "handler"):  # commands defined in their own modules
+        return args.handler(args, _say(getattr(args, "quiet", False)))
     say = _say(args.quiet)
     out: Path = args.out
     t0 = time.perf_counter()

@@ -1,0 +1,236 @@
+"""Wall time of one CPU-protocol LeNet-5 epoch on CIFAR-10: pnjax vs PyTorch, and their accuracy.
+
+One *epoch* of the ``cpu`` protocol of ``pnjax images --model lenet5 --mode partial`` (Adam
+1e-3, batch 256, PyTorch's default initialization, per-channel normalization from the training
+set, a new shuffled order every epoch with the remainder dropped) followed by the evaluation of
+the validation and test halves of the CIFAR-10 test set (the paper's seeded 5,000 / 5,000 cut):
+
+- ``pnjax``: :func:`pnjax.persistent_fit` with ``iterations=0`` (the plain run) on the uint8
+  arrays of :func:`pnjax.data.load_images`. Each call compiles anew, so the epoch's training
+  time is the difference of an ``E``-epoch and a 1-epoch call divided by ``E - 1``; the
+  evaluation (validation + test accuracy, compiled once) is timed apart and added.
+- ``torch``: the same model, initialization, optimizer, batches and evaluation in a PyTorch
+  script run in its own process, at its best thread count (1 or all cores, chosen by a short
+  timing); every epoch is timed whole (shuffle, batches, steps, evaluation).
+
+Both plain runs train ``E`` epochs (the protocol's 8 by default) and report validation and
+test accuracy side by side. Machines here are shared: the load average is recorded before and
+after.
+
+Run (prepare the data first, see docs/images.md)::
+
+    python benchmarks/image_epoch.py --data-dir DIR            # about 5-15 minutes on 2 cores
+    python benchmarks/image_epoch.py --data-dir DIR --epochs 3 # quicker
+
+Writes ``benchmarks/results/image_epoch.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pnjax  # noqa: E402
+from pnjax.data import channel_stats, load_images  # noqa: E402
+from pnjax.experiments import images as ex  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGET = 0.8  # pnjax epoch wall / PyTorch epoch wall
+
+TORCH_SCRIPT = textwrap.dedent(
+    """
+    import json, math, os, sys, time
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    d = np.load(sys.argv[1])
+    epochs, seed, out = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    mean = torch.tensor(d["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(d["std"]).view(1, 3, 1, 1)
+
+    def prep(x):  # uint8 NHWC -> normalized float NCHW
+        return (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+
+    train_x, train_y = torch.from_numpy(d["train_x"]), torch.from_numpy(d["train_y"]).long()
+    val_x, val_y = prep(d["val_x"]), torch.from_numpy(d["val_y"]).long()
+    test_x, test_y = prep(d["test_x"]), torch.from_numpy(d["test_y"]).long()
+
+    class LeNet5(nn.Module):  # PyTorch's default init for every layer
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 6, 5), nn.Conv2d(6, 16, 5)
+            self.f1, self.f2, self.f3 = nn.Linear(400, 120), nn.Linear(120, 84), nn.Linear(84, 10)
+        def forward(self, x):
+            x = F.max_pool2d(F.relu(self.c1(x)), 2)
+            x = F.max_pool2d(F.relu(self.c2(x)), 2)
+            x = x.permute(0, 2, 3, 1).flatten(1)  # NHWC flattening, as in Flax
+            return self.f3(F.relu(self.f2(F.relu(self.f1(x)))))
+
+    def accuracy(model, x, y):
+        model.eval()
+        with torch.no_grad():
+            hits = sum(int((model(x[i:i + 1000]).argmax(1) == y[i:i + 1000]).sum())
+                       for i in range(0, len(y), 1000))
+        model.train()
+        return hits / len(y)
+
+    bs = 256
+    n = len(train_y) // bs * bs
+
+    def run(threads, epochs, steps_only=None):
+        torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        model = LeNet5()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(seed)
+        times = []
+        for e in range(epochs):
+            t0 = time.perf_counter()
+            perm = torch.randperm(len(train_y), generator=g)[:n]
+            for b, i in enumerate(range(0, n, bs)):
+                if steps_only is not None and b == steps_only:
+                    return (time.perf_counter() - t0) / steps_only
+                idx = perm[i:i + bs]
+                x, y = prep(train_x[idx].numpy()), train_y[idx]
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+            va, te = accuracy(model, val_x, val_y), accuracy(model, test_x, test_y)
+            times.append(time.perf_counter() - t0)
+        return times, va, te
+
+    cores = os.cpu_count() or 1
+    trial = {t: min(run(t, 1, steps_only=20) for _ in range(2)) for t in sorted({1, cores})}
+    best = min(trial, key=trial.get)
+    times, va, te = run(best, epochs)
+    json.dump({"threads_trial_step_s": trial, "threads": best, "epoch_s": times,
+               "val_acc": va, "test_acc": te, "torch": torch.__version__}, open(out, "w"))
+    """
+)
+
+
+def pnjax_side(data, seed: int, epochs: int) -> dict:
+    proto = ex.get_protocol("cpu", "lenet5", "partial")
+    splits = ex.make_splits(data, seed, None)
+    mean, std = channel_stats(splits.train["x"])
+    prob = ex.make_problem("lenet5", proto, mean, std, splits.train["x"][:1])
+    params0, _ = prob.init(jax.random.key(seed))
+    val_x, val_y = (jnp.asarray(a) for a in splits.val)
+    test_x, test_y = (jnp.asarray(a) for a in splits.test)
+    acc = jax.jit(prob.accuracy)
+    train = splits.train
+
+    def fit(e: int):
+        t0 = time.perf_counter()
+        res = pnjax.persistent_fit(
+            params0, prob.loss_fn, optax.adam(proto.lr), iterations=0, lam=0.0, data=train,
+            batch_size=proto.batch_size, epochs=e, key=jax.random.key(seed),
+        )  # fmt: skip
+        jax.block_until_ready(res.champion)
+        return res, time.perf_counter() - t0
+
+    _, t1 = fit(1)
+    res, te = fit(epochs)
+    float(acc(res.champion, None, val_x, val_y))  # compile
+    evals = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        va = float(acc(res.champion, None, val_x, val_y))
+        ta = float(acc(res.champion, None, test_x, test_y))
+        evals.append(time.perf_counter() - t0)
+    train_epoch = (te - t1) / (epochs - 1)
+    return {
+        "fit_1_epoch_s": t1,
+        f"fit_{epochs}_epochs_s": te,
+        "train_epoch_s": train_epoch,
+        "eval_s": float(np.median(evals)),
+        "epoch_s": train_epoch + float(np.median(evals)),
+        "val_acc": va,
+        "test_acc": ta,
+        "steps_per_epoch": len(train["y"]) // proto.batch_size,
+        "note": "epoch_s = (fit(E) - fit(1)) / (E - 1) + evaluation; fit(.) includes compiling",
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default=None, help="TFDS data folder with prepared cifar10")
+    ap.add_argument("--epochs", type=int, default=8, help="epochs of the plain runs (>= 2)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS / "image_epoch.json"))
+    args = ap.parse_args()
+    if args.epochs < 2:
+        ap.error("--epochs must be >= 2 (the epoch time is a difference of two run lengths)")
+    load0 = os.getloadavg()
+    data = load_images("cifar10", args.data_dir)
+    print(f"decoded {data.images_per_second:,.0f} images/s ({data.pixels} pixels)", flush=True)
+    result = {
+        "protocol": "cpu, lenet5, partial: Adam 1e-3, batch 256, PyTorch default init",
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "pixels": data.pixels,
+        "decode_images_per_s": data.images_per_second,
+        "load_average_start": load0,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "jax": jax.__version__,
+        "pnjax": pnjax.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        proto = ex.get_protocol("cpu", "lenet5", "partial")
+        splits = ex.make_splits(data, args.seed, None)
+        mean, std = channel_stats(splits.train["x"])
+        np.savez(
+            Path(tmp) / "d.npz", train_x=splits.train["x"], train_y=splits.train["y"],
+            val_x=splits.val[0], val_y=splits.val[1], test_x=splits.test[0],
+            test_y=splits.test[1], mean=mean, std=std,
+        )  # fmt: skip
+        assert proto.batch_size == 256
+        (Path(tmp) / "t.py").write_text(TORCH_SCRIPT)
+        print("torch ...", flush=True)
+        r = subprocess.run(
+            [sys.executable, str(Path(tmp) / "t.py"), str(Path(tmp) / "d.npz"),
+             str(args.epochs), str(args.seed), str(Path(tmp) / "t.json")],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if r.returncode:
+            raise SystemExit(f"torch script failed:\n{r.stderr[-3000:]}")
+        torch_res = json.loads((Path(tmp) / "t.json").read_text())
+    torch_res["epoch_median_s"] = float(np.median(torch_res["epoch_s"]))
+    print(f"torch: {torch_res['epoch_median_s']:.2f} s/epoch, test {torch_res['test_acc']:.4f}")
+    print("pnjax ...", flush=True)
+    pj = pnjax_side(data, args.seed, args.epochs)
+    print(f"pnjax: {pj['epoch_s']:.2f} s/epoch, test {pj['test_acc']:.4f}")
+    result.update(
+        pnjax=pj,
+        torch=torch_res,
+        ratio_pnjax_over_torch=pj["epoch_s"] / torch_res["epoch_median_s"],
+        target_ratio=TARGET,
+        test_acc_gap_points=100 * (pj["test_acc"] - torch_res["test_acc"]),
+        load_average_end=os.getloadavg(),
+    )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: result[k] for k in ("ratio_pnjax_over_torch", "test_acc_gap_points",
+                                             "load_average_start", "load_average_end")}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
