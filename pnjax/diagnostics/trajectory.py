@@ -61,7 +61,7 @@ def record_run(
     params0: PyTree,
     bank: Any,
     lam: float | jax.Array,
-    mask: jax.Array,
+    mask: jax.Array | None = None,
     key: jax.Array | None = None,
     *,
     every: int,
@@ -82,7 +82,7 @@ def record_run(
       params0: the initialization.
       bank: an :class:`pnjax.AnchorBank` (empty for a plain run).
       lam: λ.
-      mask: ``[num_layers]`` layer weights (``jnp.ones`` for the full model, Eq. 4).
+      mask: ``[num_layers]`` layer weights; default ``jnp.ones`` (the full model, Eq. 4).
       key: data-order key (mini-batch form; default ``jax.random.key(0)``).
       every: probing period in steps (full batch) or epochs (mini-batch).
       probe: ``probe(params) -> pytree of arrays``; default the params themselves (a
@@ -105,6 +105,7 @@ def record_run(
             f"(has_state={bool(run.has_state)}, state0 {'given' if state0 is not None else 'None'})."
         )
     probe = probe or (lambda p: p)
+    mask = jnp.ones((bank.num_layers,), jnp.float32) if mask is None else mask
     key = jax.random.key(0) if key is None else key
     if run.minibatch:
         total, unit = int(run.epochs), "epochs"
