@@ -5,7 +5,16 @@ import importlib
 
 import pytest
 
-MODULES = ["pnjax.layers", "pnjax.anchors", "pnjax.penalty", "pnjax.transform", "pnjax.fit"]
+MODULES = [
+    "pnjax.layers",
+    "pnjax.anchors",
+    "pnjax.penalty",
+    "pnjax.transform",
+    "pnjax.fit",
+    "pnjax.diagnostics.hessian",
+    "pnjax.diagnostics.saturation",
+    "pnjax.diagnostics.kinks",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)
