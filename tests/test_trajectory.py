@@ -60,8 +60,16 @@ def test_reproduces_persistent_fit_runs():
     # mini-batch form: per-epoch data order from the same key
     key = jax.random.key(7)
     mres = pnjax.persistent_fit(
-        params0, lambda p, b: loss(p, b), opt, iterations=0, lam=0.0, data=(x, y),
-        batch_size=8, epochs=3, key=key, loop="scan",
+        params0,
+        lambda p, b: loss(p, b),
+        opt,
+        iterations=0,
+        lam=0.0,
+        data=(x, y),
+        batch_size=8,
+        epochs=3,
+        key=key,
+        loop="scan",
     )
     mrun = pnjax.make_train_run(lambda p, b: loss(p, b), opt, data=(x, y), batch_size=8, epochs=3)
     mrec = record_run(mrun, params0, bank, 0.0, mask, key, every=2, probe=lambda p: loss(p))
@@ -110,16 +118,20 @@ def test_trajectories_in_a_plane_are_recovered():
 
 def test_loss_surface_of_a_quadratic():
     rng = np.random.default_rng(1)
-    traj = {"w": jnp.asarray(rng.normal(size=(6, 3)), jnp.float32),
-            "b": jnp.asarray(rng.normal(size=(6, 1)), jnp.float32)}
+    traj = {
+        "w": jnp.asarray(rng.normal(size=(6, 3)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(6, 1)), jnp.float32),
+    }
     proj = project_trajectories([traj])
     xs, ys = jnp.linspace(-2, 2, 5), jnp.linspace(-1, 1, 3)
     z = loss_surface(quad_loss, proj, xs, ys)
     assert z.shape == (3, 5)
     for i, yv in enumerate(ys):
         for j, xv in enumerate(xs):
-            np.testing.assert_allclose(z[i, j], quad_loss(proj.point(jnp.array([xv, yv]))),
-                                       rtol=1e-5)
+            np.testing.assert_allclose(
+                z[i, j], quad_loss(proj.point(jnp.array([xv, yv]))), rtol=1e-5
+            )
     # ½θᵀAθ at the origin
-    np.testing.assert_allclose(z[1, 2], quad_loss(jax.tree_util.tree_map(lambda a: a[-1], traj)),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        z[1, 2], quad_loss(jax.tree_util.tree_map(lambda a: a[-1], traj)), rtol=1e-5
+    )
