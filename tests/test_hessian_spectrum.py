@@ -67,6 +67,22 @@ def test_density_peaks_positions_and_masses(spectrum):
         assert 0.002 < mass < 0.03, (lam, mass)
 
 
+def test_second_point_reuses_the_compilation():
+    base, params, _ = quadratic(EIGS)
+    traces = []
+
+    def loss(p):
+        traces.append(1)  # runs once per trace
+        return base(p)
+
+    a = hessian_spectrum(loss, params, key=jax.random.key(0), num_probes=2, order=10)
+    n = len(traces)
+    moved = jax.tree_util.tree_map(lambda x: 2 * x, params)
+    b = hessian_spectrum(loss, moved, key=jax.random.key(0), num_probes=2, order=10)
+    assert len(traces) == n and n > 0
+    np.testing.assert_allclose(a.nodes, b.nodes, rtol=1e-4, atol=1e-4)  # a quadratic: same H
+
+
 def test_exhausted_krylov_space_is_cut_off():
     # 3 distinct eigenvalues in 30 dimensions: Lanczos exhausts after 3 steps
     eigs = np.repeat([1.0, 2.0, 7.0], 10)

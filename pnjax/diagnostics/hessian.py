@@ -17,6 +17,7 @@ params per probe; probes run one after another (``lax.map``) inside one jitted p
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -115,6 +116,30 @@ class HessianSpectrum:
         return jnp.sum(kernel * self.weights[None], axis=(1, 2)) / self.nodes.shape[0]
 
 
+@functools.lru_cache(maxsize=4)
+def _compiled_slq(loss_fn: Callable[[PyTree], jax.Array], order: int) -> Callable[..., Any]:
+    """The jitted SLQ program of ``loss_fn``; cached, so another point θ reuses the compile."""
+    tridiag = decomp.tridiag_sym(order, reortho="full", materialize=True, custom_vjp=False)
+
+    def matvec(v: PyTree, p: PyTree) -> PyTree:
+        return hessian_vector_product(loss_fn, p, v)
+
+    @jax.jit
+    def run(p: PyTree, keys: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        def one(k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+            flat = jax.tree_util.tree_leaves(p)
+            ks = jax.random.split(k, len(flat))
+            probe = jax.tree_util.tree_unflatten(
+                jax.tree_util.tree_structure(p),
+                [jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(ks, flat, strict=True)],
+            )
+            return _quadrature(tridiag(matvec, probe, p).J_small)
+
+        return jax.lax.map(one, keys)
+
+    return run
+
+
 def hessian_spectrum(
     loss_fn: Callable[[PyTree], jax.Array],
     params: PyTree,
@@ -173,23 +198,6 @@ def hessian_spectrum(
             f"order={order} exceeds the {size} parameters: Lanczos builds at most one node per "
             f"dimension; use order <= {size}."
         )
-    tridiag = decomp.tridiag_sym(int(order), reortho="full", materialize=True, custom_vjp=False)
-
-    def matvec(v: PyTree, p: PyTree) -> PyTree:
-        return hessian_vector_product(loss_fn, p, v)
-
-    @jax.jit
-    def run(p: PyTree, keys: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        def one(k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-            flat = jax.tree_util.tree_leaves(p)
-            ks = jax.random.split(k, len(flat))
-            probe = jax.tree_util.tree_unflatten(
-                jax.tree_util.tree_structure(p),
-                [jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(ks, flat, strict=True)],
-            )
-            return _quadrature(tridiag(matvec, probe, p).J_small)
-
-        return jax.lax.map(one, keys)
-
+    run = _compiled_slq(loss_fn, int(order))
     nodes, weights, steps = run(params, jax.random.split(key, int(num_probes)))
     return HessianSpectrum(nodes=nodes, weights=weights, steps=steps)
