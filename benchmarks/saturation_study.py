@@ -103,7 +103,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--quick", action="store_true", help="1 seed, 2 iterations x 2 epochs")
     ap.add_argument("--out", type=Path, default=RESULTS / "saturation_study.json")
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG from --out")
     args = ap.parse_args()
+    if args.replot:
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+        return
     if args.quick:
         args.seeds, args.iterations, args.epochs, args.train = args.seeds[:1], 2, 2, 2_000
     xtr, ytr, xte, yte = load_fashion_mnist()
@@ -337,13 +341,13 @@ def plot(out: dict[str, Any], path: Path) -> None:
     edges = np.linspace(-1, 1, 51)
     mid = 0.5 * (edges[1:] + edges[:-1])
     k = HIDDEN[-1]
-    ax.step(mid, s["iterations"][0]["histogram"][k], where="mid", label="plain")
-    ax.step(
-        mid,
-        s["iterations"][s["champion_iteration"]]["histogram"][k],
-        where="mid",
-        label=f"champion (iteration {s['champion_iteration']})",
-    )
+    last = s["iterations"][-1]["iteration"]
+    shown = sorted({0, s["champion_iteration"], last})
+    for n in shown:
+        tag = "plain" if n == 0 else f"iteration {n}"
+        if n == s["champion_iteration"]:
+            tag += " (champion)"
+        ax.step(mid, s["iterations"][n]["histogram"][k], where="mid", label=tag)
     ax.set_xlabel(f"tanh activation, {k}")
     ax.set_ylabel("fraction of values")
     ax.set_yscale("log")
