@@ -32,6 +32,22 @@ def test_full_batch_snapshots_follow_gradient_descent():
     np.testing.assert_allclose(rec.metrics["loss"], quad_loss(rec.params), rtol=1e-6)
 
 
+def test_a_second_replay_reuses_the_compilation():
+    traces = []
+
+    def probe(p):
+        traces.append(1)  # runs once per trace
+        return p["b"]
+
+    run = pnjax.make_train_run(quad_loss, optax.sgd(0.1), steps=6)
+    bank = pnjax.AnchorBank.create(P0, 2)
+    first = record_run(run, P0, bank, 0.5, every=2, probe=probe)
+    n = len(traces)
+    second = record_run(run, P0, bank.push(first.params), 0.5, every=2, probe=probe)
+    assert len(traces) == n and n > 0
+    assert not np.allclose(first.probes, second.probes)  # the anchor changed the run
+
+
 def test_reproduces_persistent_fit_runs():
     x = jnp.linspace(-1, 1, 32)[:, None]
     y = jnp.sin(3 * x)

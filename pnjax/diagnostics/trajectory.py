@@ -17,6 +17,7 @@ a trajectory that lies in a plane through the origin is reproduced exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -54,6 +55,52 @@ def _check_every(every: Any, total: int, unit: str) -> int:
     if every > total:
         raise ValueError(f"every={every} exceeds the run's {total} {unit}; use every <= {total}.")
     return int(every)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_record(
+    run: Callable[..., Any], every: int, probe: Callable[[PyTree], PyTree], jit: Callable[..., Any]
+) -> Callable[..., Any]:
+    """The compiled :func:`record_run` program; cached, so replays of one run share it."""
+    total = int(run.epochs) if run.minibatch else int(run.steps)
+    chunks, rest = divmod(total, every)
+
+    def advance(carry, n, bank, lam, mask, keys):
+        """``n`` steps (full batch) or epochs (``keys`` ``[n]``) from ``carry``."""
+        if run.minibatch:
+            return run.parts.epochs_chunk(carry, bank, lam, mask, keys)[0]
+        return jax.lax.scan(
+            lambda c, _: (run.step(c, None, bank, lam, mask)[0], None), carry, None, length=n
+        )[0]
+
+    def program(params0, bank, lam, mask, key, state0):
+        carry = run.start(params0, state0)
+        ekeys = jax.random.split(key, total) if run.minibatch else jnp.zeros((total,))
+        first = probe(carry[0])
+
+        def body(c, k):
+            c = advance(c, every, bank, lam, mask, k)
+            return c, probe(c[0])
+
+        body_keys = ekeys[: chunks * every].reshape((chunks, every) + ekeys.shape[1:])
+        carry, probes = jax.lax.scan(body, carry, body_keys)
+        probes = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), first, probes)
+        if rest:
+            carry = advance(carry, rest, bank, lam, mask, ekeys[chunks * every :])
+            last = probe(carry[0])
+            probes = jax.tree_util.tree_map(
+                lambda a, b: jnp.concatenate([a, b[None]]), probes, last
+            )
+        params, state = carry[0], carry[2]
+        metrics = run.finish(params, bank, lam, mask, jnp.zeros((0,)), state)
+        metrics.pop("curve")
+        return params, state, probes, metrics
+
+    return jit(program)
+
+
+def _identity(params: PyTree) -> PyTree:
+    return params
 
 
 def record_run(
@@ -104,7 +151,7 @@ def record_run(
             "state0 is needed exactly when the run was built with has_state=True "
             f"(has_state={bool(run.has_state)}, state0 {'given' if state0 is not None else 'None'})."
         )
-    probe = probe or (lambda p: p)
+    probe = probe or _identity
     mask = jnp.ones((bank.num_layers,), jnp.float32) if mask is None else mask
     key = jax.random.key(0) if key is None else key
     if run.minibatch:
@@ -114,38 +161,8 @@ def record_run(
     every = _check_every(every, total, unit)
     chunks, rest = divmod(total, every)
 
-    def advance(carry, n, bank, lam, mask, keys):
-        """``n`` steps (full batch) or epochs (``keys`` ``[n]``) from ``carry``."""
-        if run.minibatch:
-            return run.parts.epochs_chunk(carry, bank, lam, mask, keys)[0]
-        return jax.lax.scan(
-            lambda c, _: (run.step(c, None, bank, lam, mask)[0], None), carry, None, length=n
-        )[0]
-
-    def program(params0, bank, lam, mask, key, state0):
-        carry = run.start(params0, state0)
-        ekeys = jax.random.split(key, total) if run.minibatch else jnp.zeros((total,))
-        first = probe(carry[0])
-
-        def body(c, k):
-            c = advance(c, every, bank, lam, mask, k)
-            return c, probe(c[0])
-
-        body_keys = ekeys[: chunks * every].reshape((chunks, every) + ekeys.shape[1:])
-        carry, probes = jax.lax.scan(body, carry, body_keys)
-        probes = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), first, probes)
-        if rest:
-            carry = advance(carry, rest, bank, lam, mask, ekeys[chunks * every :])
-            last = probe(carry[0])
-            probes = jax.tree_util.tree_map(
-                lambda a, b: jnp.concatenate([a, b[None]]), probes, last
-            )
-        params, state = carry[0], carry[2]
-        metrics = run.finish(params, bank, lam, mask, jnp.zeros((0,)), state)
-        metrics.pop("curve")
-        return params, state, probes, metrics
-
-    params, state, probes, metrics = jit(program)(
+    program = _compiled_record(run, every, probe, jit)
+    params, state, probes, metrics = program(
         params0, bank, jnp.asarray(lam, jnp.float32), jnp.asarray(mask), key, state0
     )
     at = np.arange(chunks + 1) * every
