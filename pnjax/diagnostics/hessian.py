@@ -24,6 +24,7 @@ from typing import Any
 
 import flax.struct
 import jax
+import jax.extend.core as jax_core
 import jax.numpy as jnp
 import numpy as np
 from matfree import decomp
@@ -117,27 +118,43 @@ class HessianSpectrum:
 
 
 @functools.lru_cache(maxsize=4)
-def _compiled_slq(loss_fn: Callable[[PyTree], jax.Array], order: int) -> Callable[..., Any]:
-    """The jitted SLQ program of ``loss_fn``; cached, so another point θ reuses the compile."""
+def _compiled_slq(
+    loss_fn: Callable[[PyTree], jax.Array],
+    treedef: Any,
+    avals: tuple[jax.ShapeDtypeStruct, ...],
+    order: int,
+) -> tuple[Callable[..., Any], list[Any]]:
+    """The jitted SLQ program of ``loss_fn`` and the arrays it closes over; cached.
+
+    ``loss_fn`` is traced once to a jaxpr whose closed-over arrays (e.g. a data set) become
+    arguments of the compiled program rather than constants of it (XLA would otherwise try to
+    constant-fold through them, which can take minutes for a few thousand images). A second
+    call at another θ reuses the compilation.
+    """
+    closed = jax.make_jaxpr(lambda *xs: loss_fn(jax.tree_util.tree_unflatten(treedef, xs)))(*avals)
+    jaxpr, consts = closed.jaxpr, list(closed.consts)
     tridiag = decomp.tridiag_sym(order, reortho="full", materialize=True, custom_vjp=False)
 
-    def matvec(v: PyTree, p: PyTree) -> PyTree:
-        return hessian_vector_product(loss_fn, p, v)
-
     @jax.jit
-    def run(p: PyTree, keys: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def run(
+        leaves: list[jax.Array], keys: jax.Array, consts: list[Any]
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        def loss(xs: list[jax.Array]) -> jax.Array:
+            return jax_core.jaxpr_as_fun(jax_core.ClosedJaxpr(jaxpr, consts))(*xs)[0]
+
+        def matvec(v: list[jax.Array], xs: list[jax.Array]) -> list[jax.Array]:
+            return hessian_vector_product(loss, xs, v)
+
         def one(k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-            flat = jax.tree_util.tree_leaves(p)
-            ks = jax.random.split(k, len(flat))
-            probe = jax.tree_util.tree_unflatten(
-                jax.tree_util.tree_structure(p),
-                [jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(ks, flat, strict=True)],
-            )
-            return _quadrature(tridiag(matvec, probe, p).J_small)
+            ks = jax.random.split(k, len(leaves))
+            probe = [
+                jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(ks, leaves, strict=True)
+            ]
+            return _quadrature(tridiag(matvec, probe, leaves).J_small)
 
         return jax.lax.map(one, keys)
 
-    return run
+    return run, consts
 
 
 def hessian_spectrum(
@@ -198,6 +215,9 @@ def hessian_spectrum(
             f"order={order} exceeds the {size} parameters: Lanczos builds at most one node per "
             f"dimension; use order <= {size}."
         )
-    run = _compiled_slq(loss_fn, int(order))
-    nodes, weights, steps = run(params, jax.random.split(key, int(num_probes)))
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    leaves = [jnp.asarray(x) for x in leaves]
+    avals = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves)
+    run, consts = _compiled_slq(loss_fn, treedef, avals, int(order))
+    nodes, weights, steps = run(leaves, jax.random.split(key, int(num_probes)), consts)
     return HessianSpectrum(nodes=nodes, weights=weights, steps=steps)
