@@ -5,7 +5,15 @@ import importlib
 
 import pytest
 
-MODULES = ["pnjax.layers", "pnjax.anchors", "pnjax.penalty", "pnjax.transform", "pnjax.fit"]
+MODULES = [
+    "pnjax.layers",
+    "pnjax.anchors",
+    "pnjax.penalty",
+    "pnjax.transform",
+    "pnjax.fit",
+    "pnjax.baselines.anls",
+    "pnjax.baselines.splitting",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)
