@@ -72,10 +72,10 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 # candidate kink data sets, screened in this order (make_kink_data keyword arguments)
 KINK_CANDIDATES: list[dict[str, Any]] = [
     {},
+    {"gap": 2.0, "frequency": 4.0},
     {"gap": 1.5},
     {"gap": 2.0},
     {"gap": 1.5, "frequency": 3.0},
-    {"gap": 2.0, "frequency": 4.0},
 ]
 
 
@@ -272,11 +272,13 @@ def kink_methods(setup, screen, seeds, cfg, key) -> dict[str, Any]:
     return out
 
 
-def run_kink(cfg: dict[str, Any], log) -> dict[str, Any]:
+def run_kink(cfg: dict[str, Any], log, save) -> dict[str, Any]:
     T, N = cfg["steps"], cfg["iterations"]
     B = T * (N + 1)
     sets = []
     for kw in KINK_CANDIDATES[: cfg["candidates"]]:
+        if len([s for s in sets if "methods" in s]) >= cfg["datasets"]:
+            break
         setup = kink_setup(kw)
         (scr), wall = _timed(lambda setup=setup: kink_screen(setup, B, cfg["screen"]))
         best = float(np.min(scr["loss"]))
@@ -298,6 +300,7 @@ def run_kink(cfg: dict[str, Any], log) -> dict[str, Any]:
                     f"[{v['summary']['min']:.4f}, {v['summary']['max']:.4f}] "
                     f"wall {v['wall_s'] if v['wall_s'] is None else round(v['wall_s'], 1)}")
         sets.append(entry)
+        save({"datasets": sets})
     return {"budget_steps": B, "steps_per_run": T, "iterations": N, "lam": cfg["lam"],
             "datasets": sets}
 
@@ -413,7 +416,7 @@ def run_fmnist(cfg: dict[str, Any], log) -> dict[str, Any]:
                     train=lambda p, seg: train_seg(p, batches()),
                     matrices=lambda p: splitting_matrices(p, x[: cfg["split_examples"]],
                                                           y[: cfg["split_examples"]], ce,
-                                                          batch_size=500),
+                                                          batch_size=250),
                 )
                 ps.append(p)
                 ws.append([list(v) for v in w])
@@ -476,7 +479,7 @@ def main() -> None:
               "seeds": 5, "hidden": 64, "lam": 0.001, "split_examples": 2000}
     if args.quick:
         kink_cfg.update(steps=1000, iterations=2, anls_sweeps=8)
-        fm_cfg.update(n_train=3000, n_val=1000, epochs=1, split_examples=1000)
+        fm_cfg.update(n_train=3000, n_val=1000, epochs=1, split_examples=250)
     t0 = time.time()
 
     def log(msg):
@@ -488,8 +491,15 @@ def main() -> None:
         "kink_config": kink_cfg,
         "fmnist_config": fm_cfg,
     }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(res):
+        out.write_text(json.dumps(res, indent=1, default=float))
+
     if args.only in (None, "kink"):
-        result["kink"] = run_kink(kink_cfg, log)
+        result["kink"] = run_kink(kink_cfg, log, lambda part: save({**result, "kink": part}))
+        save(result)
     if args.only in (None, "fmnist"):
         result["fmnist"] = run_fmnist(fm_cfg, log)
     result["total_wall_s"] = time.time() - t0
@@ -499,9 +509,7 @@ def main() -> None:
         "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                 time.gmtime()),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=float))
+    save(result)
     plot(result, out.with_suffix(".png"))
     log(f"wrote {out} and {out.with_suffix('.png')}")
 
