@@ -144,27 +144,28 @@ def worker_pnjax(method: str, quick: bool) -> dict[str, Any]:
     def call(steps: int) -> float:
         t = time.perf_counter()
         res = pnjax.run_chains(
-            inits, loss_fn, optax.sgd(LR, momentum=MOM), iterations=1, lam=LAM, steps=steps,
+            inits,
+            loss_fn,
+            optax.sgd(LR, momentum=MOM),
+            iterations=1,
+            lam=LAM,
+            steps=steps,
             mesh=mesh,
         )
         jax.block_until_ready(res.champion)
         return time.perf_counter() - t
 
     s1, s2 = (20, 220) if quick else (200, 2200)
-    t1, t2 = [], []
-    compiles = []
-    for _ in range(1 if quick else 2):
-        n = len(compile_s)
-        t1.append(call(s1))
-        compiles.append(sum(compile_s[n:]))
-        t2.append(call(s2))
-    per_step = (min(t2) - min(t1)) / (2 * (s2 - s1) * CHAINS)
+    t1 = call(s1)
+    compile1 = sum(compile_s)
+    t2 = call(s2)
+    per_step = (t2 - t1) / (2 * (s2 - s1) * CHAINS)
     return {
         "us_per_chain_step": per_step * 1e6,
-        "compile_s": statistics.median(compiles),
-        "first_call_overhead_s": min(t1) - per_step * 2 * s1 * CHAINS,
+        "compile_s": compile1,
+        "first_call_overhead_s": t1 - per_step * 2 * s1 * CHAINS,
         "steps": [s1, s2],
-        "call_s": {"S1": t1, "S2": t2},
+        "call_s": [t1, t2],
         "devices": jax.device_count() if mesh is not None else 1,
     }
 
@@ -342,8 +343,11 @@ def run_worker(method: str, quick: bool) -> dict[str, Any]:
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    med = {m: statistics.median(r["us_per_chain_step"] for r in rs) for m, rs in runs.items()
-           if not m.startswith("matmul")}
+    med = {
+        m: statistics.median(r["us_per_chain_step"] for r in rs)
+        for m, rs in runs.items()
+        if not m.startswith("matmul")
+    }
     peak = max(statistics.median(r["gflops"] for r in runs[m]) for m in PEAK_METHODS)
     info = runs["matmul_jax"][0]
     flops = info["xla_flops_loss_and_grad"] + 0.5 * 4 * info["params"]
@@ -381,9 +385,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "torch_vmap_best": vmap_best,
         "torch_eager_best": eager_best,
         "matmul_peak_gflops": peak,
-        "matmul_gflops": {
-            m: statistics.median(r["gflops"] for r in runs[m]) for m in PEAK_METHODS
-        },
+        "matmul_gflops": {m: statistics.median(r["gflops"] for r in runs[m]) for m in PEAK_METHODS},
         "flops_per_chain_step": flops,
         "params": info["params"],
         "targets": targets,
@@ -406,8 +408,13 @@ def plot(out: dict[str, Any], path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("µs per chain-step (lower is better; median of separate processes)")
     for i, m in enumerate(order):
-        ax.text(rows[m]["us_per_chain_step"], i, f" {rows[m]['us_per_chain_step']:.1f}",
-                va="center", fontsize=7)
+        ax.text(
+            rows[m]["us_per_chain_step"],
+            i,
+            f" {rows[m]['us_per_chain_step']:.1f}",
+            va="center",
+            fontsize=7,
+        )
     ax.set_title(
         f"100 kink chains (nn.Dense 1-32-32-1), plain + 1 persistent run, "
         f"{out['machine']['cpu_count']} CPU cores",
