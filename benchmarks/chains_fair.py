@@ -141,8 +141,8 @@ def worker_pnjax(method: str, quick: bool) -> dict[str, Any]:
 
     jax.monitoring.register_event_duration_secs_listener(listen)
 
-    def call(steps: int) -> float:
-        t = time.perf_counter()
+    def call(steps: int) -> tuple[float, float]:
+        t, c = time.perf_counter(), time.process_time()
         res = pnjax.run_chains(
             inits,
             loss_fn,
@@ -153,15 +153,16 @@ def worker_pnjax(method: str, quick: bool) -> dict[str, Any]:
             mesh=mesh,
         )
         jax.block_until_ready(res.champion)
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
 
     s1, s2 = (20, 220) if quick else (200, 2200)
-    t1 = call(s1)
+    t1, c1 = call(s1)
     compile1 = sum(compile_s)
-    t2 = call(s2)
+    t2, c2 = call(s2)
     per_step = (t2 - t1) / (2 * (s2 - s1) * CHAINS)
     return {
         "us_per_chain_step": per_step * 1e6,
+        "cpu_us_per_chain_step": (c2 - c1) / (2 * (s2 - s1) * CHAINS) * 1e6,
         "compile_s": compile1,
         "first_call_overhead_s": t1 - per_step * 2 * s1 * CHAINS,
         "steps": [s1, s2],
@@ -258,12 +259,13 @@ def worker_torch(method: str, quick: bool) -> dict[str, Any]:
     t = time.perf_counter()
     train(train(None, 5), 5)  # first-call warm-up
     warm = time.perf_counter() - t
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     sol = train(None, steps)
     train(sol, steps)
-    dt = time.perf_counter() - t
+    dt, dc = time.perf_counter() - t, time.process_time() - c
     return {
         "us_per_chain_step": dt / (2 * steps * chains) * 1e6,
+        "cpu_us_per_chain_step": dc / (2 * steps * chains) * 1e6,
         "warmup_s": warm,
         "steps": steps,
         "chains": chains,
@@ -365,6 +367,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "vs_torch_vmap": med[vmap_best] / us,
             "vs_torch_eager": med[eager_best] / us,
             "all_us": [r["us_per_chain_step"] for r in runs[m]],
+            "cpu_us_per_chain_step": statistics.median(r["cpu_us_per_chain_step"] for r in runs[m]),
         }
         for k in ("compile_s", "first_call_overhead_s", "warmup_s"):
             if k in runs[m][0]:
@@ -452,6 +455,7 @@ def main() -> None:
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t0)),
         "wall_s": time.time() - t0,
         "loadavg": {"start": load0, "end": os.getloadavg()},
+        "niceness": os.nice(0),
         "machine": {
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
