@@ -16,7 +16,7 @@ SECTIONS = {
              "persistent_bias", "PersistentBiasState", "add_persistent_penalty"],
     "Drivers": ["persistent_fit", "FitResult", "make_train_run", "run_chains", "ChainsResult",
                 "random_restarts"],
-    "Helpers": ["layer_layout", "layer_mask", "layer_sq_norms", "layer_dots"],
+    "Helpers": ["layer_layout", "layer_mask", "layer_sq_norms", "layer_dots", "fast_dots"],
     "Models (pnjax.models)": ["models.KinkMLP", "models.LeNet5", "models.AlexNet",
                               "models.ResNet18", "models.max_pool", "models.dense.matmul",
                               "models.dense.dot_general"],

@@ -5,7 +5,14 @@ import importlib
 
 import pytest
 
-MODULES = ["pnjax.layers", "pnjax.anchors", "pnjax.penalty", "pnjax.transform", "pnjax.fit"]
+MODULES = [
+    "pnjax.layers",
+    "pnjax.anchors",
+    "pnjax.penalty",
+    "pnjax.transform",
+    "pnjax.fit",
+    "pnjax.fast_dots",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)
