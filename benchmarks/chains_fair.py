@@ -155,7 +155,7 @@ def worker_pnjax(method: str, quick: bool) -> dict[str, Any]:
         jax.block_until_ready(res.champion)
         return time.perf_counter() - t, time.process_time() - c
 
-    s1, s2 = (20, 220) if quick else (200, 2200)
+    s1, s2 = (20, 220) if quick else (100, 1100)
     t1, c1 = call(s1)
     compile1 = sum(compile_s)
     t2, c2 = call(s2)
@@ -215,7 +215,7 @@ def worker_torch(method: str, quick: bool) -> dict[str, Any]:
                 opt.step()
             return {n: p.detach().clone() for n, p in params.items()}
 
-        chains, steps = 1, (50 if quick else 400)
+        chains, steps = 1, (50 if quick else 200)
     else:
         import copy
 
@@ -254,7 +254,7 @@ def worker_torch(method: str, quick: bool) -> dict[str, Any]:
                 opt.step()
             return {n: v.detach().clone() for n, v in p.items()}
 
-        chains, steps = CHAINS, (10 if quick else 150)
+        chains, steps = CHAINS, (10 if quick else 40)
 
     t = time.perf_counter()
     train(train(None, 5), 5)  # first-call warm-up
@@ -428,6 +428,42 @@ def plot(out: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def write(
+    a: argparse.Namespace,
+    runs: dict[str, list[dict[str, Any]]],
+    rounds: int,
+    t0: float,
+    load0: tuple[float, float, float],
+) -> None:
+    """Writes the JSON and the PNG of the rounds done so far."""
+    out = {
+        "command": "python benchmarks/chains_fair.py" + (" --quick" if a.quick else ""),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t0)),
+        "wall_s": time.time() - t0,
+        "loadavg": {"start": load0, "end": os.getloadavg()},
+        "niceness": os.nice(0),
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "settings": {
+            "chains": CHAINS,
+            "model": "flax nn.Dense 1-32-32-1 ReLU, default init",
+            "data": "pnjax.data.make_kink_data(): 60 points",
+            "optimizer": f"SGD lr {LR} momentum {MOM}",
+            "per_chain": "plain run + 1 persistent run (1 anchor, every layer, lambda 0.01)",
+            "rounds_done": rounds,
+        },
+        "runs": runs,
+    }
+    out["summary"] = summarize(runs)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=1))
+    plot(out, Path(a.out).with_suffix(".png"))
+    print("wrote", a.out, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", help="run one method in this process and print its JSON")
@@ -450,33 +486,8 @@ def main() -> None:
             runs[m].append(res)
             shown = res.get("us_per_chain_step", res.get("gflops"))
             print(f"round {r} {m}: {shown:.2f} (load {res['loadavg'][0][0]:.2f})", flush=True)
-    out = {
-        "command": "python benchmarks/chains_fair.py" + (" --quick" if a.quick else ""),
-        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t0)),
-        "wall_s": time.time() - t0,
-        "loadavg": {"start": load0, "end": os.getloadavg()},
-        "niceness": os.nice(0),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
-        "settings": {
-            "chains": CHAINS,
-            "model": "flax nn.Dense 1-32-32-1 ReLU, default init",
-            "data": "pnjax.data.make_kink_data(): 60 points",
-            "optimizer": f"SGD lr {LR} momentum {MOM}",
-            "per_chain": "plain run + 1 persistent run (1 anchor, every layer, lambda 0.01)",
-            "rounds": rounds,
-        },
-        "runs": runs,
-    }
-    out["summary"] = summarize(runs)
-    print(json.dumps(out["summary"]["targets"], indent=1))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1))
-    plot(out, Path(a.out).with_suffix(".png"))
-    print("wrote", a.out)
+        write(a, runs, r + 1, t0, load0)  # after every round: a cut-short run keeps its rounds
+    print(json.dumps(json.loads(Path(a.out).read_text())["summary"]["targets"], indent=1))
 
 
 if __name__ == "__main__":

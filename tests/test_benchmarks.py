@@ -28,7 +28,7 @@ def test_accelerator_quick_writes_every_section(tmp_path: Path) -> None:
     assert {"backend", "device_kind", "jax", "loadavg"} <= set(res["machine"])
     for sweep in ("kink_chains", "lenet5_chains"):
         rows = res[sweep]["rows"]
-        assert rows and rows[0]["C"] == 1
+        assert rows and rows[0]["C"] >= 1
         assert {"us_per_chain_step", "chain_steps_per_s", "compile_s", "call_s"} <= set(rows[0])
         assert all(t > 0 for r in rows for t in r["call_s"])
         assert res[sweep]["stop"]
