@@ -19,7 +19,7 @@ def test_accelerator_quick_writes_every_section(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
