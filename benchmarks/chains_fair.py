@@ -69,8 +69,8 @@ TORCH_METHODS = ("torch_vmap_t1", "torch_vmap_t2", "torch_eager_t1", "torch_eage
 PEAK_METHODS = ("matmul_jax", "matmul_torch_t2")
 LABELS = {
     "pnjax_dense": "pnjax run_chains, user nn.Dense model",
-    "pnjax_dense_fast_dots": "pnjax run_chains, user nn.Dense model through pnjax.fast_dots",
-    "pnjax_dense_fast_dots_mesh": "the same, chains split over the cores (mesh)",
+    "pnjax_dense_fast_dots": "pnjax run_chains, user nn.Dense model through fast_dots",
+    "pnjax_dense_fast_dots_mesh": "pnjax run_chains, nn.Dense through fast_dots, mesh over the cores",
     "pnjax_kinkmlp_fast": "pnjax run_chains, pnjax's own KinkMLP(fast_matmul=True)",
     "torch_vmap_t1": "torch.func.vmap, 1 thread",
     "torch_vmap_t2": "torch.func.vmap, 2 threads",
@@ -403,24 +403,24 @@ def plot(out: dict[str, Any], path: Path) -> None:
 
     rows = out["summary"]["rows"]
     order = sorted(rows, key=lambda m: rows[m]["us_per_chain_step"])
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    loads = [r["loadavg"][0][0] for rs in out["runs"].values() for r in rs]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
     colors = ["tab:blue" if m.startswith("pnjax") else "tab:orange" for m in order]
-    ax.barh(range(len(order)), [rows[m]["us_per_chain_step"] for m in order], color=colors)
-    ax.set_yticks(range(len(order)), [rows[m]["label"] for m in order], fontsize=7)
-    ax.set_xscale("log")
-    ax.invert_yaxis()
-    ax.set_xlabel("µs per chain-step (lower is better; median of separate processes)")
-    for i, m in enumerate(order):
-        ax.text(
-            rows[m]["us_per_chain_step"],
-            i,
-            f" {rows[m]['us_per_chain_step']:.1f}",
-            va="center",
-            fontsize=7,
-        )
-    ax.set_title(
+    for ax, key, name in zip(
+        axes, ("us_per_chain_step", "cpu_us_per_chain_step"), ("wall", "process CPU"), strict=True
+    ):
+        vals = [rows[m][key] for m in order]
+        ax.barh(range(len(order)), vals, color=colors)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{name} µs per chain-step (lower is better; median over rounds)")
+        for i, v in enumerate(vals):
+            ax.text(v, i, f" {v:.1f}", va="center", fontsize=7)
+    axes[0].set_yticks(range(len(order)), [rows[m]["label"] for m in order], fontsize=7)
+    axes[0].invert_yaxis()
+    fig.suptitle(
         f"100 kink chains (nn.Dense 1-32-32-1), plain + 1 persistent run, "
-        f"{out['machine']['cpu_count']} CPU cores",
+        f"{out['machine']['cpu_count']} CPU cores, load average {min(loads):.0f}-{max(loads):.0f}, "
+        f"{out['date_utc']} UTC",
         fontsize=9,
     )
     fig.tight_layout()
