@@ -14,7 +14,7 @@ Cases (one process, every repetition times every (case, option set) once in turn
 - ``resnet18``: one Adam step at batch 64, batch statistics updated.
 
 Option sets: ``jax_default`` (no option), ``ynn_off`` (``xla_cpu_experimental_ynn_fusion_type``
-empty: every YNNPACK fusion off, pnjax's default until session 2) and ``ynn_dot``
+empty: every YNNPACK fusion off, pnjax's default until commit 9121469) and ``ynn_dot``
 (``LIBRARY_FUSION_TYPE_DOT``: YNNPACK for dot fusions only, pnjax's default now). Reports the
 minimum and median wall time per call and each set's median relative to ``ynn_off``; the
 parameters each set produces are compared with ``ynn_off``'s (max abs difference).

@@ -7,6 +7,7 @@ that repels the parameters from every earlier solution, and keep the best model.
 from pnjax.anchors import AnchorBank, layer_sq_norms
 from pnjax.baselines import random_restarts
 from pnjax.chains import ChainsResult, run_chains
+from pnjax.fast_dots import fast_dots
 from pnjax.fit import FitResult, make_train_run, persistent_fit
 from pnjax.layers import layer_layout, layer_mask, layer_names
 from pnjax.penalty import (
@@ -25,6 +26,7 @@ __all__ = [
     "FitResult",
     "PersistentBiasState",
     "add_persistent_penalty",
+    "fast_dots",
     "layer_dots",
     "layer_layout",
     "layer_mask",

@@ -1,0 +1,367 @@
+"""One prepared run for an accelerator: chain throughput, step times, penalty overhead.
+
+Made to run unattended on one GPU (or TPU) in under 8 minutes and write one JSON file:
+
+- ``kink_chains``: chain-steps per second of ``pnjax.run_chains`` on the kink MLP (Flax
+  ``nn.Dense`` 1-32-32-1 through ``pnjax.fast_dots``, 60 points, SGD momentum 0.9, plain + one
+  persistent run per chain) for C = 1, 4, 16, ..., 4096 chains;
+- ``lenet5_chains``: the same on LeNet-5 (a fixed batch of 32 CIFAR-sized images per chain,
+  softmax cross-entropy) for C = 1, 2, 4, ..., 64;
+- ``step_time``: one SGD-momentum training step of LeNet-5 and of ResNet-18 (batch 128,
+  32 x 32 x 3 inputs, ResNet-18 with its batch statistics), median of repeated calls (the
+  LeNet-5 figure is the plain step of ``penalty_overhead``);
+- ``penalty_overhead``: the LeNet-5 SGD step with the Eq. 6 bias of K = 20 anchors
+  (``optax.chain(pnjax.persistent_bias(bank, λ), optax.sgd(...))``) against the plain step.
+
+Each chain sweep stops where throughput stops scaling (less than ``--min-gain`` more
+chain-steps/s than the previous C) or when its share of ``--budget-s`` is spent; the JSON says
+where and why. Per-step times of ``run_chains`` come from two calls with ``S1`` and ``S2`` steps
+per run, ``(T(S2) - T(S1)) / (2 (S2 - S1) C)``, so compilation cancels; compile time is reported
+separately. Every timing ends with ``jax.block_until_ready``.
+
+Run::
+
+    python benchmarks/accelerator.py                       # on the accelerator, < 8 min
+    python benchmarks/accelerator.py --quick               # CPU smoke test, < 1 min
+    python benchmarks/accelerator.py --out my_run.json
+
+Writes ``benchmarks/results/accelerator_<backend>.json`` by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pnjax  # noqa: E402
+from pnjax import _compile  # noqa: E402
+from pnjax.data import make_kink_data  # noqa: E402
+from pnjax.models import LeNet5, ResNet18  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LAM, LR, MOM = 0.01, 1e-3, 0.9
+
+FULL = {
+    "kink_chains": [1, 4, 16, 64, 256, 1024, 4096],
+    "kink_steps": (200, 2200),
+    "lenet_chains": [1, 2, 4, 8, 16, 32, 64],
+    "lenet_steps": (20, 220),
+    "lenet_batch": 32,
+    "step_batch": 128,
+    "step_reps": 30,
+    "resnet": "full",
+}
+QUICK = {  # a smoke test of every code path; its figures mean nothing
+    "kink_chains": [1],
+    "kink_steps": (5, 105),
+    "lenet_chains": [1],
+    "lenet_steps": (2, 6),
+    "lenet_batch": 4,
+    "step_batch": 2,
+    "step_reps": 2,
+    "resnet": "small",
+}
+
+
+class KinkDense(nn.Module):
+    """The kink MLP as a user writes it: plain ``nn.Dense`` layers."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.relu(nn.Dense(32)(x))
+        x = nn.relu(nn.Dense(32)(x))
+        return nn.Dense(1)(x)
+
+
+# ----------------------------------------------------------------------------- problems
+
+
+def kink_problem() -> tuple[Callable[[Any], jax.Array], Callable[[jax.Array], Any]]:
+    """``loss_fn(params)`` and ``init(key)`` of the kink MLP (through ``pnjax.fast_dots``)."""
+    x, y = (jnp.asarray(a) for a in make_kink_data())
+    model = KinkDense()
+
+    def loss_fn(params: Any) -> jax.Array:
+        return jnp.mean((model.apply({"params": params}, x) - y) ** 2)
+
+    return pnjax.fast_dots(loss_fn), lambda k: model.init(k, x)["params"]
+
+
+def lenet_problem(batch: int) -> tuple[Callable[[Any], jax.Array], Callable[[jax.Array], Any]]:
+    """``loss_fn(params)`` and ``init(key)`` of LeNet-5 on a fixed random batch."""
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.randn(batch, 32, 32, 3).astype(np.float32))
+    y = jnp.asarray(rng.randint(0, 10, batch))
+    model = LeNet5()
+
+    def loss_fn(params: Any) -> jax.Array:
+        logits = model.apply({"params": params}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    return loss_fn, lambda k: model.init(k, x[:1])["params"]
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def chains_point(
+    loss_fn: Callable[[Any], jax.Array],
+    init: Callable[[jax.Array], Any],
+    c: int,
+    steps: tuple[int, int],
+) -> dict[str, Any]:
+    """``run_chains`` with ``c`` chains at ``S1`` and ``S2`` steps per run; marginal step time."""
+    inits = jax.vmap(init)(jax.random.split(jax.random.key(0), c))
+    compile_s: list[float] = []
+
+    def listen(event: str, duration: float, **_: Any) -> None:
+        if event.endswith("backend_compile_duration"):
+            compile_s.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    times = []
+    try:
+        for s in steps:
+            t = time.perf_counter()
+            res = pnjax.run_chains(
+                inits, loss_fn, optax.sgd(LR, momentum=MOM), iterations=1, lam=LAM, steps=s
+            )
+            jax.block_until_ready(res.champion)
+            times.append(time.perf_counter() - t)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    s1, s2 = steps
+    per = (times[1] - times[0]) / (2 * (s2 - s1) * c)
+    ok = per > 0  # a difference lost in noise (tiny runs) is reported as null
+    return {
+        "C": c,
+        "us_per_chain_step": per * 1e6 if ok else None,
+        "chain_steps_per_s": 1.0 / per if ok else None,
+        "steps": list(steps),
+        "call_s": times,
+        "compile_s": sum(compile_s) / 2,
+    }
+
+
+def chains_sweep(
+    problem: tuple[Callable[[Any], jax.Array], Callable[[jax.Array], Any]],
+    chains: Sequence[int],
+    steps: tuple[int, int],
+    min_gain: float,
+    deadline: float,
+) -> dict[str, Any]:
+    """Throughput for growing C until it stops scaling, or the deadline passes."""
+    rows: list[dict[str, Any]] = []
+    stop = "ran every C"
+    for c in chains:
+        if time.perf_counter() > deadline:
+            stop = f"time budget spent before C = {c}"
+            break
+        row = chains_point(*problem, c, steps)
+        rows.append(row)
+        print(f"  C={c}: {row['chain_steps_per_s']} chain-steps/s", flush=True)
+        rates = [r["chain_steps_per_s"] or 0.0 for r in rows]
+        if len(rows) > 1 and rates[-1] < min_gain * rates[-2]:
+            stop = f"stopped scaling at C = {c} (gain < {min_gain}x over C = {rows[-2]['C']})"
+            break
+    best = max(rows, key=lambda r: r["chain_steps_per_s"] or 0.0) if rows else None
+    return {"rows": rows, "stop": stop, "best": best}
+
+
+def _median_time(fn: Callable[[], Any], reps: int) -> float:
+    jax.block_until_ready(fn())  # compile and warm up
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def step_time(name: str, batch: int, reps: int, small: bool = False) -> dict[str, Any]:
+    """Median seconds of one jitted SGD-momentum step of ``name`` (``lenet5``, ``resnet18``).
+
+    ``small`` (the ``--quick`` smoke test only): ResNet-18 with one block per stage on
+    16 x 16 inputs, to keep its compilation short on a CPU.
+    """
+    rng = np.random.RandomState(0)
+    side = 16 if small else 32
+    x = jnp.asarray(rng.randn(batch, side, side, 3).astype(np.float32))
+    y = jnp.asarray(rng.randint(0, 10, batch))
+    bn = name == "resnet18"
+    if bn:
+        model = ResNet18(stage_sizes=(1, 1, 1, 1)) if small else ResNet18()
+    else:
+        model = LeNet5()
+    variables = model.init(jax.random.key(0), x[:2], **({"train": False} if bn else {}))
+    params, stats = variables["params"], variables.get("batch_stats", {})
+    tx = optax.sgd(LR, momentum=MOM)
+
+    def loss_fn(p: Any, s: Any) -> tuple[jax.Array, Any]:
+        if bn:
+            logits, upd = model.apply(
+                {"params": p, "batch_stats": s}, x, train=True, mutable=["batch_stats"]
+            )
+            s = upd["batch_stats"]
+        else:
+            logits = model.apply({"params": p}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), s
+
+    @_compile.jit
+    def step(p: Any, s: Any, o: Any) -> Any:
+        (loss, s), g = jax.value_and_grad(loss_fn, has_aux=True)(p, s)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), s, o, loss
+
+    opt = tx.init(params)
+    t = time.perf_counter()
+    jax.block_until_ready(step(params, stats, opt))
+    first = time.perf_counter() - t
+    sec = _median_time(lambda: step(params, stats, opt), reps)
+    return {
+        "model": f"{type(model).__name__}{'(stage_sizes=(1, 1, 1, 1))' if small else ''}",
+        "input": [batch, side, side, 3],
+        "step_ms": sec * 1e3,
+        "first_call_s": first,
+        "reps": reps,
+    }
+
+
+def penalty_overhead(batch: int, reps: int, k: int = 20) -> dict[str, Any]:
+    """LeNet-5 SGD step with the Eq. 6 bias of ``k`` anchors vs the same step without it."""
+    loss_fn, init = lenet_problem(batch)
+    params = init(jax.random.key(0))
+    bank = pnjax.AnchorBank.create(params, k)
+    for i in range(k):
+        bank = bank.push(init(jax.random.key(100 + i)))
+    sgd = optax.sgd(LR, momentum=MOM)
+
+    @_compile.jit
+    def plain(p: Any, o: Any) -> Any:
+        g = jax.grad(loss_fn)(p)
+        u, o = sgd.update(g, o, p)
+        return optax.apply_updates(p, u), o
+
+    @_compile.jit
+    def penalized(p: Any, o: Any, bank: pnjax.AnchorBank) -> Any:
+        tx = optax.chain(pnjax.persistent_bias(bank, LAM), sgd)
+        g = jax.grad(loss_fn)(p)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o
+
+    tx0 = optax.chain(pnjax.persistent_bias(bank, LAM), sgd)
+    o_plain, o_pen = sgd.init(params), tx0.init(params)
+    t_plain = t_pen = 0.0
+    for _ in range(2 if reps < 5 else 3):  # alternate, keep the best median of each
+        a = _median_time(lambda: plain(params, o_plain), reps)
+        b = _median_time(lambda: penalized(params, o_pen, bank), reps)
+        t_plain = a if t_plain == 0 else min(t_plain, a)
+        t_pen = b if t_pen == 0 else min(t_pen, b)
+    return {
+        "K": k,
+        "batch": batch,
+        "plain_step_ms": t_plain * 1e3,
+        "penalized_step_ms": t_pen * 1e3,
+        "overhead": t_pen / t_plain - 1,
+    }
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a CPU smoke test")
+    ap.add_argument("--out", default=None, help="JSON path (default results/accelerator_*.json)")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="total time budget, seconds")
+    ap.add_argument("--min-gain", type=float, default=1.1, help="scaling threshold between C's")
+    a = ap.parse_args(argv)
+    cfg = QUICK if a.quick else FULL
+    t0 = time.perf_counter()
+    dev = jax.devices()[0]
+    out: dict[str, Any] = {
+        "command": "python benchmarks/accelerator.py" + (" --quick" if a.quick else ""),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "quick": a.quick,
+        "machine": {
+            "backend": jax.default_backend(),
+            "device_kind": dev.device_kind,
+            "device_count": jax.device_count(),
+            "cpu_count": os.cpu_count(),
+            "loadavg": os.getloadavg(),
+            "platform": platform.platform(),
+            "jax": jax.__version__,
+            "pnjax": pnjax.__version__,
+            "compiler_options": _compile.cpu_compiler_options(),
+        },
+        "settings": {k: v for k, v in cfg.items()},
+    }
+    # budget shares: kink 35%, LeNet chains 35%, the rest for step times and the penalty
+    budget = a.budget_s
+    phases: dict[str, float] = {}
+    mark = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        phases[name] = now - mark
+        mark = now
+
+    print("kink chains", flush=True)
+    out["kink_chains"] = chains_sweep(
+        kink_problem(), cfg["kink_chains"], cfg["kink_steps"], a.min_gain, t0 + 0.35 * budget
+    )
+    phase("kink_chains")
+    print("LeNet-5 chains", flush=True)
+    out["lenet5_chains"] = chains_sweep(
+        lenet_problem(cfg["lenet_batch"]),
+        cfg["lenet_chains"],
+        cfg["lenet_steps"],
+        a.min_gain,
+        t0 + 0.7 * budget,
+    )
+    phase("lenet5_chains")
+    print("penalty overhead and LeNet-5 step", flush=True)
+    pen = out["penalty_overhead"] = penalty_overhead(cfg["step_batch"], cfg["step_reps"])
+    phase("penalty_overhead")
+    out["step_time"] = {
+        "lenet5": {
+            "model": "LeNet5",
+            "input": [cfg["step_batch"], 32, 32, 3],
+            "step_ms": pen["plain_step_ms"],
+            "from": "penalty_overhead.plain_step_ms",
+        }
+    }
+    print("ResNet-18 step", flush=True)
+    out["step_time"]["resnet18"] = step_time(
+        "resnet18", cfg["step_batch"], cfg["step_reps"], small=cfg["resnet"] == "small"
+    )
+    phase("step_time_resnet18")
+    out["phase_s"] = phases
+    out["wall_s"] = time.perf_counter() - t0
+    path = Path(a.out or RESULTS / f"accelerator_{jax.default_backend()}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: out[k] for k in ("phase_s", "wall_s")}, indent=1))
+    print("wrote", path)
+    return out
+
+
+if __name__ == "__main__":
+    main()
