@@ -92,9 +92,10 @@ def _check(params: PyTree, bank: AnchorBank, lam: Any) -> None:
             "pnjax.AnchorBank.create(params, capacity)."
         )
     check_lam(lam)
-    if jnp.ndim(lam) != 0:
+    shape = tuple(lam.shape) if isinstance(lam, jax.Array) else np.shape(lam)
+    if shape != ():
         raise ValueError(
-            f"lam must be a scalar here, got shape {tuple(jnp.shape(lam))}: the penalty is one "
+            f"lam must be a scalar here, got shape {shape}: the penalty is one "
             "number per model. For one λ per chain use pnjax.run_chains(..., lam=[...]), or "
             "jax.vmap the penalty over the chains' params and λ."
         )
