@@ -106,9 +106,12 @@ def check_scalar_lam(lam: Any) -> None:
     A per-chain ``[C]`` λ belongs under ``jax.vmap`` (or ``optax.inject_hyperparams``); outside
     it would broadcast against the ``[capacity, num_layers]`` dot products and fail inside XLA.
     """
-    if jnp.ndim(lam) != 0:  # not chex.assert_rank: it reads a list as a sequence of inputs
+    # not chex.assert_rank (it reads a list as a sequence of inputs), not jnp.ndim (deprecated
+    # on lists)
+    shape = tuple(lam.shape) if isinstance(lam, jax.Array) else np.shape(lam)
+    if shape != ():
         raise ValueError(
-            f"lam must be a scalar here, got shape {np.shape(lam)}; for one λ per chain map over "
+            f"lam must be a scalar here, got shape {shape}; for one λ per chain map over "
             "them with jax.vmap (or pass the array to pnjax.run_chains)."
         )
 
