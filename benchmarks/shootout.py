@@ -28,7 +28,9 @@ Every method gets the same budget of gradient steps per seed, ``B = (N + 1) T`` 
   after each of the first segments the neurons with the most negative predicted change are
   split (30% of the hidden neurons, the last split taking what is left to reach the full
   width), the optimizer is reset; ``N + 1`` segments in all. The splitting matrices cost one
-  pass over the data per split (not counted as steps).
+  pass over the data per split (not counted as steps). On Fashion-MNIST each split also
+  eigendecomposes one 785 x 785 matrix per first-layer neuron: minutes per split on a 2-core
+  CPU (the 2026-11-30 quick run was stopped there).
 
 Usage::
 
