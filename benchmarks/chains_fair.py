@@ -37,7 +37,7 @@ two dots over P parameters in half of the steps) x chain-steps/s.
 
 Run::
 
-    python benchmarks/chains_fair.py              # 3 rounds, about 8-10 minutes on 2 cores
+    python benchmarks/chains_fair.py              # 3 rounds; one round took 26 min at load ~20
     python benchmarks/chains_fair.py --quick      # 1 round, short runs: a smoke test, ~1 min
 
 Writes ``benchmarks/results/chains_fair.json`` and ``chains_fair.png``.
