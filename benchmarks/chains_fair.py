@@ -13,7 +13,9 @@ of one chain. The rules of ``benchmarks/README.md`` apply:
   its users write it: the penalty is a loss term under autograd, no host sync inside the loop;
 - compile (and first-call) time is measured and reported separately: a pnjax method calls the
   public ``pnjax.run_chains`` with ``S1`` and with ``S2`` steps per run and its per-step time is
-  ``(T(S2) - T(S1)) / (2 (S2 - S1) C)``, so the compilation, which is the same for both, cancels;
+  ``(T(S2) - K(S2) - T(S1) + K(S1)) / (2 (S2 - S1) C)``, where ``K`` is the time JAX reports
+  spending in tracing, lowering and compiling during that call (``jax.monitoring`` events), so
+  the compilation cancels even when its duration varies between calls;
 - the matmul peak (best 2048 x 2048 float32 product of JAX and of PyTorch) is measured in the
   same run, also in subprocesses, alternated with the rest.
 
@@ -35,7 +37,7 @@ two dots over P parameters in half of the steps) x chain-steps/s.
 
 Run::
 
-    python benchmarks/chains_fair.py              # 3 rounds, about 8-10 minutes on 2 cores
+    python benchmarks/chains_fair.py              # 3 rounds; one round took 26 min at load ~20
     python benchmarks/chains_fair.py --quick      # 1 round, short runs: a smoke test, ~1 min
 
 Writes ``benchmarks/results/chains_fair.json`` and ``chains_fair.png``.
@@ -136,7 +138,9 @@ def worker_pnjax(method: str, quick: bool) -> dict[str, Any]:
     compile_s: list[float] = []
 
     def listen(event: str, duration: float, **_: Any) -> None:
-        if event.endswith("backend_compile_duration"):
+        # tracing, lowering and compiling: taken out of each call's time, because on a loaded
+        # machine their variation alone can exceed T(S2) - T(S1)
+        if event.startswith("/jax/core/compile/"):
             compile_s.append(duration)
 
     jax.monitoring.register_event_duration_secs_listener(listen)
@@ -159,9 +163,11 @@ def worker_pnjax(method: str, quick: bool) -> dict[str, Any]:
     t1, c1 = call(s1)
     compile1 = sum(compile_s)
     t2, c2 = call(s2)
-    per_step = (t2 - t1) / (2 * (s2 - s1) * CHAINS)
+    compile2 = sum(compile_s) - compile1
+    per_step = ((t2 - compile2) - (t1 - compile1)) / (2 * (s2 - s1) * CHAINS)
     return {
         "us_per_chain_step": per_step * 1e6,
+        "compile_s_both_calls": [compile1, compile2],
         "cpu_us_per_chain_step": (c2 - c1) / (2 * (s2 - s1) * CHAINS) * 1e6,
         "compile_s": compile1,
         "first_call_overhead_s": t1 - per_step * 2 * s1 * CHAINS,
