@@ -63,7 +63,9 @@ def one_chain(
     """One chain: ``loop`` names the driver, compiled with ``jit`` (one call per run with
     ``'scan'``); the bookkeeping is compiled with ``record_jit``."""
     drive = make_driver(run, loop, jit, every=every)
-    after = record_jit(functools.partial(after_run, anchor_fn=anchor_fn, push_diverged=push_diverged))
+    after = record_jit(
+        functools.partial(after_run, anchor_fn=anchor_fn, push_diverged=push_diverged)
+    )
     empty = AnchorBank.create(params0, capacity)
     _, shapes = jax.eval_shape(run.core, params0, empty, lam, masks[0], key, model_state0, data)
 

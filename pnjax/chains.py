@@ -214,9 +214,7 @@ def _prepare(init_params, loss_fn, optimizer, *, iterations, lam, steps=None, la
                             checkpoints=None, callback=None, has_state=has_state)[0]  # fmt: skip
 
     def finish(state) -> ChainsResult:
-        return chains_result(
-            state, c=c, layer=idx, names=names, mode=mode, has_state=has_state
-        )
+        return chains_result(state, c=c, layer=idx, names=names, mode=mode, has_state=has_state)
 
     config = {
         "driver": "run_chains", "iterations": cfg.iterations, "mode": mode, "steps": steps,

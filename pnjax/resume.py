@@ -293,8 +293,8 @@ def restore_and_replay(
 ) -> tuple[LoopState, int, tuple[Any, np.ndarray, int] | None]:
     """The state to start from (restored, or the template's), how many iterations are done,
     and a cut-off iteration; replays ``callback`` over the restored iterations."""
-    found = None if checkpoints is None else checkpoints.restore(
-        template, keep_finals, partial_like
+    found = (
+        None if checkpoints is None else checkpoints.restore(template, keep_finals, partial_like)
     )
     if found is None:
         return template(keep_finals), 0, None

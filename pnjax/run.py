@@ -105,7 +105,9 @@ def make_iteration(
     if data is None:
         steps = check_positive_int("steps", steps)
         log_every = (
-            max(1, steps // 200) if log_every is None else check_positive_int("log_every", log_every)
+            max(1, steps // 200)
+            if log_every is None
+            else check_positive_int("log_every", log_every)
         )
         return FullBatch(steps, log_every)
     epochs = check_positive_int("epochs", epochs)
@@ -191,8 +193,10 @@ def internal_loss(
 ) -> Callable[[PyTree, PyTree, PyTree], tuple[Any, PyTree]]:
     """The one internal form ``(params, model_state, batch) -> (loss, model_state)`` of the four
     public forms of ``loss_fn`` (with or without a state, full batch or mini-batch)."""
-    form = "loss_fn(params" + (", model_state" if has_state else "") + (
-        ", batch)" if minibatch else ")"
+    form = (
+        "loss_fn(params"
+        + (", model_state" if has_state else "")
+        + (", batch)" if minibatch else ")")
     )
 
     def loss(params: PyTree, model_state: PyTree, batch: PyTree) -> tuple[Any, PyTree]:

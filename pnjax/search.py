@@ -21,8 +21,8 @@ from pnjax.config import make_config
 from pnjax.drivers import default_jit
 from pnjax.layers import layer_names
 from pnjax.loop import after_run, init_state
-from pnjax.resume import fingerprint, open_checkpoints, run_loop
 from pnjax.results import FitResult, fit_result
+from pnjax.resume import fingerprint, open_checkpoints, run_loop
 
 PyTree = Any
 
