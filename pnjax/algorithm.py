@@ -66,8 +66,7 @@ def one_chain(
     after = record_jit(
         functools.partial(after_run, anchor_fn=anchor_fn, push_diverged=push_diverged)
     )
-    empty = AnchorBank.create(params0, capacity)
-    _, shapes = jax.eval_shape(run.core, params0, empty, lam, masks[0], key, model_state0, data)
+    shapes = run.metric_shapes()
 
     def template(keep_finals: bool) -> LoopState:
         return init_state(
@@ -111,11 +110,8 @@ def many_chains(
     core = jax.vmap(run.core, in_axes=(0, bank_axis, 0, 0, 0, 0, None))
 
     def init(params0, lam, masks, keys, active, state0, data, keep_finals=False):
-        one = jax.tree_util.tree_map(lambda x: x[0], (params0, state0))
-        empty = AnchorBank.create(one[0], capacity)
-        _, shapes = jax.eval_shape(
-            run.core, *one[:1], empty, lam[0], masks[0, 0], keys[0], one[1], data
-        )
+        shapes = run.metric_shapes()
+        empty = AnchorBank.create(jax.tree_util.tree_map(lambda x: x[0], params0), capacity)
 
         def make(p, s):
             return init_state(

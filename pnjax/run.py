@@ -335,6 +335,18 @@ class TrainRun:
             "curve": jnp.asarray(curve, jnp.float32),
         }
 
+    def metric_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes of :meth:`finish`'s metrics, known without tracing the run."""
+        it = self.iteration
+        points = -(-it.steps // it.log_every) if isinstance(it, FullBatch) else it.epochs
+        scalar = jax.ShapeDtypeStruct((), jnp.float32)
+        return {
+            "loss": scalar,
+            "score": scalar,
+            "penalty": scalar,
+            "curve": jax.ShapeDtypeStruct((points,), jnp.float32),
+        }
+
     def core(
         self,
         params0: PyTree,
