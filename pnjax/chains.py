@@ -195,8 +195,10 @@ def _prepare(init_params, loss_fn, optimizer, *, iterations, lam, steps=None, la
             return x
         return jnp.concatenate([x, jnp.repeat(x[:1], padded - c, axis=0)], axis=0)
 
-    chained = (init_params, cfg.lam, masks, keys, np.arange(padded) < c, state0)
+    chained = (init_params, cfg.lam, masks, keys)
     args = tuple(jax.tree_util.tree_map(lambda x: put(pad(x)), chained))
+    active = put(jnp.asarray(np.arange(padded) < c))  # padding chains never push
+    args += (active, jax.tree_util.tree_map(lambda x: put(pad(x)), state0))
     args += (algorithm.device_data(data),)
     compiler = jit or default_jit()
     plan, init, program = algorithm.many_chains(
