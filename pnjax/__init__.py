@@ -16,6 +16,7 @@ from pnjax.penalty import (
     persistent_gradient,
     persistent_penalty,
 )
+from pnjax.search import persistent_search
 from pnjax.transform import PersistentBiasState, persistent_bias
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ __all__ = [
     "persistent_fit",
     "persistent_gradient",
     "persistent_penalty",
+    "persistent_search",
     "random_restarts",
     "run_chains",
 ]

@@ -1,16 +1,19 @@
-"""Many persistent chains in one compiled program: ``vmap`` over chains, sharded over devices.
+"""Many persistent chains: ``jax.vmap`` of Algorithm 1's pieces, sharded over devices.
 
 A *chain* is one run of Algorithm 1 (:func:`pnjax.persistent_fit`): a plain run from its
 initialization θ⁰_c, then ``iterations`` persistent runs from the same θ⁰_c, each repelled from
 the solutions pushed before it. :func:`run_chains` runs ``C`` chains at once. Every leaf of
 ``init_params`` carries a leading chain axis of length ``C``; chains may differ in their
-initialization, their λ, their layer choice (every layer, a fixed layer, or a random layer per
-iteration) and their data order (their PRNG key).
+initialization, their λ, their layer choice (every layer, a set of layers, or a random layer
+per iteration) and their data order (their PRNG key).
 
-The whole computation, all chains and all iterations, is one ``jax.jit`` program: a
-``lax.scan`` over iterations whose body is ``vmap`` over chains of one training run (itself a
-``lax.scan`` over steps), followed by the push of the new solutions and the championship update.
-It is traced and compiled once per call, whatever the number of iterations.
+The pieces are those of :func:`pnjax.persistent_fit` (the run, the drivers, the bookkeeping,
+the layer schedule, checkpoints), vmapped over chains. With the ``'scan'`` driver all chains
+and all iterations are one ``jax.jit`` program, a ``fori_loop`` over iterations whose body is
+``vmap`` over chains of one training run (itself a ``lax.scan`` over steps) followed by the push
+of the new solutions and the championship update; it is compiled once per call, whatever the
+number of iterations, and runs one iteration per call when checkpoints or a callback need the
+host between iterations.
 
 Two modes:
 
@@ -35,99 +38,37 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pnjax import _checks, _compile
-from pnjax.anchors import AnchorBank
-from pnjax.fit import FitResult, _python_loop_core, choose_loop, make_train_run
-from pnjax.layers import layer_mask, layer_names
-from pnjax.penalty import check_lam
+from pnjax import algorithm
+from pnjax._checks import check_score_fn
+from pnjax.config import MODES, Config, make_config
+from pnjax.drivers import default_jit, resolve_loop
+from pnjax.layers import layer_names
+from pnjax.results import ChainsResult, chains_result
+from pnjax.resume import Checkpoints, fingerprint, open_checkpoints, run_loop
+from pnjax.run import make_train_run
+from pnjax.schedule import chain_schedules
+
+__all__ = ["MODES", "ChainsResult", "PreparedChains", "num_chains", "prepare_chains", "run_chains"]
 
 PyTree = Any
-MODES = ("independent", "population")
-_LAYER_KEY = 0x1A7E  # the fold_in constant persistent_fit draws random layers with
 
 
-@dataclasses.dataclass(frozen=True)
-class ChainsResult:
-    """What :func:`run_chains` returns: :class:`pnjax.FitResult`'s fields with a chain axis.
+class PreparedChains(NamedTuple):
+    """What :func:`prepare_chains` returns: ``compiled(*args)`` then ``finish(outputs)``."""
 
-    Attributes:
-      champion: params pytree, every leaf ``[C, ...]``: each chain's championship params (its
-        initialization where every iteration diverged).
-      champion_iteration: ``[C]`` int, each chain's championship iteration (0 = plain run), -1
-        where every iteration diverged.
-      history: ``score``, ``loss``, ``penalty`` ``[C, N + 1]`` float32; ``curve``
-        ``[C, N + 1, points]``; ``layer`` ``[C, N + 1]`` int (-1: all layers); ``diverged`` and
-        ``pushed`` ``[C, N + 1]`` bool, with ``N = iterations``.
-      bank: mode ``'independent'``: the chains' banks stacked (every leaf of ``anchors`` is
-        ``[C, capacity, ...]``, ``count`` is ``[C]``); mode ``'population'``: the one shared bank
-        (no chain axis).
-      layer_names: the names the ``layer`` indices refer to.
-      mode: ``'independent'`` or ``'population'``.
-      champion_state: with ``model_state``: each chain's state at the end of its championship
-        run, every leaf ``[C, ...]`` (its initial state where every iteration diverged);
-        ``None`` without a model state.
-      resumed_from: how many iterations (rounds) were restored from a checkpoint instead of
-        run (0: nothing was restored).
-    """
-
-    champion: PyTree
-    champion_iteration: np.ndarray
-    history: dict[str, np.ndarray]
-    bank: AnchorBank
-    layer_names: tuple[str, ...] = ()
-    mode: str = "independent"
-    champion_state: PyTree = None
-    resumed_from: int = 0
-
-    @property
-    def num_chains(self) -> int:
-        """``C``, the number of chains."""
-        return int(self.champion_iteration.shape[0])
-
-    @property
-    def best_chain(self) -> int:
-        """Index of the chain whose championship has the lowest score (-1 if none finite)."""
-        scores = np.where(self.history["diverged"], np.inf, self.history["score"])
-        best = scores.min(axis=1)
-        return int(np.argmin(best)) if np.isfinite(best).any() else -1
-
-    def chain(self, c: int) -> FitResult:
-        """Chain ``c`` as a :class:`pnjax.FitResult` (its own bank, or the shared one)."""
-        bank = self.bank
-        if self.mode == "independent":
-            bank = jax.tree_util.tree_map(lambda x: x[c], self.bank)
-        return FitResult(
-            champion=jax.tree_util.tree_map(lambda x: x[c], self.champion),
-            champion_iteration=int(self.champion_iteration[c]),
-            history={k: v[c] for k, v in self.history.items()},
-            bank=bank,
-            layer_names=self.layer_names,
-            champion_state=jax.tree_util.tree_map(lambda x: x[c], self.champion_state),
-            resumed_from=self.resumed_from,
-        )
+    compiled: Callable[..., Any]
+    args: tuple[Any, ...]
+    finish: Callable[[Any], ChainsResult]
 
 
 # ----------------------------------------------------------------------------- input checks
-
-
-def _check_state_chains(model_state: PyTree, c: int) -> None:
-    """Every leaf of ``model_state`` needs the leading chain axis ``[C, ...]`` of the params."""
-    shapes = [tuple(np.shape(x)) for x in jax.tree_util.tree_leaves(model_state)]
-    bad = [s for s in shapes if len(s) == 0 or s[0] != c]
-    if bad:
-        raise ValueError(
-            f"every leaf of model_state needs the leading chain axis of init_params ({c} "
-            f"chains), got leaf shapes {shapes}; stack the chains' states like their params, or "
-            f"broadcast one with jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, ({c}, "
-            "*x.shape)), state)."
-        )
 
 
 def num_chains(init_params: PyTree) -> int:
@@ -156,17 +97,17 @@ def num_chains(init_params: PyTree) -> int:
     return lead[0]
 
 
-def _chain_lams(lam: Any, c: int) -> np.ndarray:
-    check_lam(lam)
-    arr = np.asarray(lam, np.float32)
-    if arr.ndim == 0:
-        return np.full((c,), arr, np.float32)
-    if arr.shape != (c,):
+def _check_state_chains(model_state: PyTree, c: int) -> None:
+    """Every leaf of ``model_state`` needs the leading chain axis ``[C, ...]`` of the params."""
+    shapes = [tuple(np.shape(x)) for x in jax.tree_util.tree_leaves(model_state)]
+    bad = [s for s in shapes if len(s) == 0 or s[0] != c]
+    if bad:
         raise ValueError(
-            f"lam has shape {arr.shape}, but there are {c} chains; pass a scalar (one λ for "
-            f"every chain) or an array of shape ({c},) (one λ per chain)."
+            f"every leaf of model_state needs the leading chain axis of init_params ({c} "
+            f"chains), got leaf shapes {shapes}; stack the chains' states like their params, or "
+            f"broadcast one with jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, ({c}, "
+            "*x.shape)), state)."
         )
-    return arr
 
 
 def _chain_keys(key: Any, c: int) -> jax.Array:
@@ -187,256 +128,6 @@ def _chain_keys(key: Any, c: int) -> jax.Array:
     return key
 
 
-def _random_schedule(L: int, key: jax.Array, layer_draw: str, n: int) -> np.ndarray:
-    """Layer indices ``[n]`` drawn as persistent_fit draws them from ``key``."""
-    lkey = jax.random.fold_in(key, _LAYER_KEY)
-    if layer_draw == "once":
-        return np.full(n, int(jax.random.randint(lkey, (), 0, L)), np.int32)
-    return np.asarray(jax.random.randint(lkey, (n,), 0, L), np.int32)
-
-
-def _one_schedule(
-    names: tuple[str, ...], choice: Any, layer_draw: str, n: int, key: jax.Array
-) -> np.ndarray:
-    """Layer indices ``[n]`` (-1 = every layer) of one chain for one ``layers`` choice."""
-    L = len(names)
-    if isinstance(choice, str) and choice == "random":
-        return _random_schedule(L, key, layer_draw, n)
-    if isinstance(choice, (int, np.integer)) and not isinstance(choice, bool):
-        if not -1 <= choice < L:
-            raise ValueError(
-                f"layer index {choice} is out of range for the layers {names}; use -1 (every "
-                f"layer) or 0..{L - 1}."
-            )
-        return np.full(n, int(choice), np.int32)
-    mask = np.asarray(layer_mask(names, choice), np.float32)
-    sel = np.flatnonzero(mask)
-    if len(sel) == 1 and L > 1:
-        return np.full(n, int(sel[0]), np.int32)
-    if len(sel) == L:
-        return np.full(n, -1, np.int32)
-    raise ValueError(
-        f"run_chains penalizes every layer or one layer per iteration, got layers={choice!r}; "
-        "pass None, one layer name, 'random', or one such choice per chain (a list)."
-    )
-
-
-def _layer_schedules(
-    names: tuple[str, ...],
-    layers: Any,
-    layer_draw: str,
-    iterations: int,
-    keys: jax.Array,
-    c: int,
-) -> np.ndarray:
-    """``[C, N + 1]`` layer indices (-1: every layer)."""
-    if layer_draw not in ("once", "per_iteration"):
-        raise ValueError(f"layer_draw must be 'once' or 'per_iteration', got {layer_draw!r}.")
-    n = iterations + 1
-    if isinstance(layers, (np.ndarray, jax.Array)) and np.issubdtype(
-        np.asarray(layers).dtype, np.integer
-    ):
-        idx = np.asarray(layers, np.int32)
-        if idx.shape == (c,):
-            idx = np.repeat(idx[:, None], n, axis=1)
-        if idx.shape != (c, n) or idx.min() < -1 or idx.max() >= len(names):
-            raise ValueError(
-                f"an integer layers array must have shape ({c},) or ({c}, {n}) with entries in "
-                f"-1..{len(names) - 1} (-1: every layer), got shape {idx.shape}."
-            )
-        return idx
-    if isinstance(layers, list):
-        if len(layers) != c:
-            raise ValueError(
-                f"layers is a list of {len(layers)} choices but there are {c} chains; a list "
-                "gives one choice per chain (use a tuple for a set of layer names)."
-            )
-        return np.stack(
-            [_one_schedule(names, ch, layer_draw, n, keys[i]) for i, ch in enumerate(layers)]
-        )
-    return np.stack([_one_schedule(names, layers, layer_draw, n, keys[i]) for i in range(c)])
-
-
-def _masks(idx: np.ndarray, L: int) -> np.ndarray:
-    """``[..., L]`` float masks from layer indices (-1: all ones)."""
-    eye = np.concatenate([np.eye(L, dtype=np.float32), np.ones((1, L), np.float32)])
-    return eye[np.where(idx < 0, L, idx)]
-
-
-# ----------------------------------------------------------------------------- the program
-
-
-def _tree_where(cond: jax.Array, a: PyTree, b: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(lambda x, y: jnp.where(cond, x, y), a, b)
-
-
-def _all_finite(params: PyTree) -> jax.Array:
-    leaves = jax.tree_util.tree_leaves(params)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
-def _build_program(
-    run: Callable[..., Any],
-    *,
-    template: PyTree,
-    capacity: int,
-    iterations: int,
-    mode: str,
-    shuffle: str,
-    push_diverged: bool,
-    constrain: Callable[[PyTree], PyTree],
-) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """Pure functions of all chains: ``init_state(*args)`` and ``loop(state, start, stop, *args)``.
-
-    ``args = (params0, lam, masks, keys, active, state0)`` (``state0``: the model state
-    ``[C, ...]``, or ``None``). The state holds the bank(s), the champions (and their model
-    states) and preallocated history buffers ``[N + 1, C, ...]``; ``loop`` runs iterations
-    ``start <= n < stop`` (dynamic bounds, so one compilation serves a whole run or one
-    iteration at a time, which is how checkpointed runs resume between iterations).
-    """
-    core: Any = run.core  # type: ignore[attr-defined]
-    many = jax.vmap(core, in_axes=(0, 0 if mode == "independent" else None, 0, 0, 0, 0))
-
-    def init_state(params0, lam, masks, keys, active, state0=None):
-        c = lam.shape[0]
-        one = AnchorBank.create(template, capacity)
-        if mode == "independent":
-            bank = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (c, *x.shape)), one)
-            bank = constrain(bank)
-        else:
-            bank = one
-        _, shapes = jax.eval_shape(many, params0, bank, lam, masks[:, 0], keys, state0)
-        hist = {k: jnp.zeros((iterations + 1, *v.shape), v.dtype) for k, v in shapes.items()}
-        hist["diverged"] = jnp.zeros((iterations + 1, c), bool)
-        hist["pushed"] = jnp.zeros((iterations + 1, c), bool)
-        return {
-            "bank": bank,
-            "champion": params0,
-            "champion_score": jnp.full((c,), jnp.inf, jnp.float32),
-            "champion_iteration": jnp.full((c,), -1, jnp.int32),
-            "champion_state": state0,
-            "history": hist,
-        }
-
-    def train(n, state, params0, lam, masks, keys, state0=None):
-        """``((params, model_state), metrics)`` of run ``n`` of every chain."""
-        dkeys = keys if shuffle == "same" else jax.vmap(jax.random.fold_in, (0, None))(keys, n)
-        masks_n = jax.lax.dynamic_index_in_dim(masks, n, axis=1, keepdims=False)
-        return many(params0, state["bank"], lam, masks_n, dkeys, state0)
-
-    def post(n, state, params, metrics, active, mstate=None):
-        bank = state["bank"]
-        params = constrain(params)
-        ok = (
-            jnp.isfinite(metrics["loss"])
-            & jnp.isfinite(metrics["score"])
-            & jax.vmap(_all_finite)(params)
-        )
-        if mstate is not None:
-            mstate = constrain(mstate)
-            ok = ok & jax.vmap(_all_finite_inexact)(mstate)
-        want = (ok | push_diverged) & active
-        if mode == "independent":
-            push = want & (bank.count < capacity)
-            pushed = jax.vmap(lambda b, p: b.push(p))(bank, params)
-            bank = _tree_where_chain(push, pushed, bank)
-        else:
-
-            def push_one(b, xs):
-                p, w = xs
-                do = w & (b.count < capacity)
-                return _tree_where(do, b.push(p), b), do
-
-            bank, push = jax.lax.scan(push_one, bank, (params, want))
-        better = ok & (metrics["score"] < state["champion_score"])
-        out = dict(metrics, diverged=~ok, pushed=push)
-        hist = {k: v.at[n].set(out[k]) for k, v in state["history"].items()}
-        return {
-            "bank": bank,
-            "champion": _tree_where_chain(better, params, state["champion"]),
-            "champion_score": jnp.where(better, metrics["score"], state["champion_score"]),
-            "champion_iteration": jnp.where(better, n, state["champion_iteration"]),
-            "champion_state": _tree_where_chain(better, mstate, state["champion_state"]),
-            "history": hist,
-        }
-
-    def body(n, state, params0, lam, masks, keys, active, state0):
-        (params, mstate), metrics = train(n, state, params0, lam, masks, keys, state0)
-        return post(n, state, params, metrics, active, mstate)
-
-    def loop(state, start, stop, params0, lam, masks, keys, active, state0=None):
-        return jax.lax.fori_loop(
-            start,
-            stop,
-            lambda n, st: body(n, st, params0, lam, masks, keys, active, state0),
-            state,
-        )
-
-    loop.post = post  # type: ignore[attr-defined]
-    return init_state, loop
-
-
-def _python_chains(
-    run: Callable[..., Any],
-    *,
-    mode: str,
-    shuffle: str,
-    post: Callable[..., Any],
-    compiler: Callable[..., Any],
-) -> Callable[..., dict[str, Any]]:
-    """``advance(state, start, stop, args)``: iterations ``start <= n < stop`` of all chains with
-    the steps looped in Python (:func:`pnjax.fit.python_loop_run` over the chain axis).
-
-    The same updates as the scan inside :func:`_build_program`, with each (vmapped over chains)
-    update compiled once and called from Python: on XLA:CPU convolutional steps run many times
-    faster this way than inside ``lax.scan`` (see ``docs/cpu_speed.md``).
-    """
-    train = _python_loop_core(
-        run, compiler, chains=True, bank_axis=0 if mode == "independent" else None
-    )
-    fold_v = compiler(jax.vmap(jax.random.fold_in, (0, None)))
-    post_j = compiler(post)
-
-    def advance(state, start, stop, args):
-        params0, lam, masks, keys, active, state0 = args
-        for n in range(start, stop):
-            dkeys = keys if shuffle == "same" else fold_v(keys, n)
-            (params, mstate), metrics = train(
-                params0, state["bank"], lam, masks[:, n], dkeys, state0
-            )
-            state = post_j(n, state, params, metrics, active, mstate)
-        return state
-
-    return advance
-
-
-def _outputs(state: dict[str, Any]) -> tuple[Any, ...]:
-    """``(champion, champion_iteration, history [C, N + 1, ...], bank, champion_state)`` from a
-    loop state."""
-    hist = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1), state["history"])
-    champion_state = state.get("champion_state")
-    return state["champion"], state["champion_iteration"], hist, state["bank"], champion_state
-
-
-def _all_finite_inexact(tree: PyTree) -> jax.Array:
-    """Whether every inexact (float or complex) leaf is finite; ``True`` for none."""
-    leaves = [
-        jnp.all(jnp.isfinite(x))
-        for x in jax.tree_util.tree_leaves(tree)
-        if jnp.issubdtype(x.dtype, jnp.inexact)
-    ]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
-
-
-def _tree_where_chain(cond: jax.Array, a: PyTree, b: PyTree) -> PyTree:
-    """Per-chain select: ``cond`` ``[C]`` broadcast over each leaf's trailing axes."""
-
-    def sel(x, y):
-        return jnp.where(cond.reshape(cond.shape + (1,) * (x.ndim - 1)), x, y)
-
-    return jax.tree_util.tree_map(sel, a, b)
-
-
 def _mesh_axes(mesh: jax.sharding.Mesh, chain_axes: str | Sequence[str] | None) -> tuple:
     if chain_axes is None:
         return tuple(mesh.axis_names)
@@ -448,6 +139,135 @@ def _mesh_axes(mesh: jax.sharding.Mesh, chain_axes: str | Sequence[str] | None) 
             "some of the mesh's axis names (default: all of them)."
         )
     return axes
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chains:
+    """Everything :func:`run_chains` and :func:`prepare_chains` share."""
+
+    plan: algorithm.Plan
+    compiled: Callable[..., Any]
+    args: tuple[Any, ...]
+    finish: Callable[[Any], ChainsResult]
+    config: Config
+    checkpoints: Checkpoints | None
+    has_state: bool
+    c: int
+
+
+def _prepare(init_params, loss_fn, optimizer, *, iterations, lam, steps=None, layers=None,
+             score_fn=None, key=None, mode="independent", mesh=None, chain_axes=None,
+             layer_draw="once", capacity=None, data=None, batch_size=None, epochs=None,
+             shuffle="same", log_every=None, push_diverged=False, jit=None, loop="auto",
+             model_state=None, anchor_fn=None, checkpoint_dir=None, checkpoint_keep=2,
+             checkpoint_every_epochs=None) -> _Chains:  # fmt: skip
+    """Checks the arguments and builds the chains' program (see :func:`run_chains`)."""
+    c = num_chains(init_params)
+    cfg = make_config(
+        iterations=iterations, lam=lam, steps=steps, data=data, batch_size=batch_size,
+        epochs=epochs, shuffle=shuffle, layer_draw=layer_draw, capacity=capacity, mode=mode,
+        push_diverged=push_diverged, checkpoint_dir=checkpoint_dir,
+        checkpoint_every_epochs=checkpoint_every_epochs, checkpoint_keep=checkpoint_keep,
+        chains=c,
+    )  # fmt: skip
+    has_state = model_state is not None
+    if has_state:
+        _check_state_chains(model_state, c)
+    state0 = jax.tree_util.tree_map(jnp.asarray, model_state) if has_state else ()
+    keys = _chain_keys(key, c)
+    template = jax.tree_util.tree_map(lambda x: jnp.zeros(np.shape(x)[1:], x.dtype), init_params)
+    names = layer_names(template)
+    check_score_fn(score_fn, template, jax.tree_util.tree_map(lambda x: x[0], model_state))
+    masks, idx = chain_schedules(names, layers, layer_draw, cfg.iterations + 1, keys, c)
+    run = make_train_run(loss_fn, optimizer, steps=steps, score_fn=score_fn, data=data,
+                         batch_size=batch_size, epochs=epochs, log_every=log_every,
+                         has_state=has_state)  # fmt: skip
+    kind = resolve_loop(
+        loop, loss_fn=loss_fn, template=template, data=data, every=cfg.every, epochs=epochs,
+        model_state=jax.tree_util.tree_map(lambda x: x[0], model_state), mesh=mesh,
+    )  # fmt: skip
+    padded, put, constrain = _placement(mesh, chain_axes, c)
+
+    def pad(x):
+        x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
+        if padded == c:
+            return x
+        return jnp.concatenate([x, jnp.repeat(x[:1], padded - c, axis=0)], axis=0)
+
+    chained = (init_params, cfg.lam, masks, keys)
+    args = tuple(jax.tree_util.tree_map(lambda x: put(pad(x)), chained))
+    active = put(jnp.asarray(np.arange(padded) < c))  # padding chains never push
+    args += (active, jax.tree_util.tree_map(lambda x: put(pad(x)), state0))
+    args += (algorithm.device_data(data),)
+    compiler = jit or default_jit()
+    plan, init, program = algorithm.many_chains(
+        run, loop=kind, jit=compiler, args=args, iterations=cfg.iterations,
+        capacity=cfg.capacity, shuffle=shuffle, every=cfg.every,
+        population=mode == "population", anchor_fn=anchor_fn, push_diverged=push_diverged,
+        constrain=constrain,
+    )  # fmt: skip
+    if kind == "scan":
+        compiled = compiler(lambda *a: program(init(*a), 0, cfg.iterations + 1, *a))
+    else:
+
+        def compiled(*a):
+            return run_loop(plan.template, plan.advance, iterations=cfg.iterations,
+                            checkpoints=None, callback=None, has_state=has_state)[0]  # fmt: skip
+
+    def finish(state) -> ChainsResult:
+        return chains_result(state, c=c, layer=idx, names=names, mode=mode, has_state=has_state)
+
+    config = {
+        "driver": "run_chains", "iterations": cfg.iterations, "mode": mode, "steps": steps,
+        "epochs": epochs, "batch_size": batch_size, "log_every": log_every,
+        "capacity": cfg.capacity, "shuffle": shuffle, "push_diverged": push_diverged,
+        "num_args_chains": c, "anchor_fn": anchor_fn is not None,
+        "checkpoint_every_epochs": cfg.every,
+    }  # fmt: skip
+    checkpoints = open_checkpoints(
+        cfg.folder,
+        lambda: fingerprint(
+            config, init_params=init_params, lam=cfg.lam,
+            keys=np.asarray(jax.random.key_data(keys)), data=data, layer_masks=masks,
+            model_state=model_state, optimizer=optimizer, params=template,
+        ),
+        keep=cfg.keep, every=cfg.every, epochs=epochs, chunked=kind == "chunked",
+    )  # fmt: skip
+    return _Chains(plan, compiled, args, finish, cfg, checkpoints, has_state, c)
+
+
+def _placement(mesh, chain_axes, c):
+    """``(padded C, put, constrain)``: the chain axis padded to a multiple of the mesh's device
+    count and split over it (identity without a mesh)."""
+    if mesh is None:
+        return c, jnp.asarray, lambda t: t
+    axes = _mesh_axes(mesh, chain_axes)
+    shards = int(np.prod([mesh.shape[a] for a in axes]))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
+
+    def constrain(t):
+        return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, sharding), t)
+
+    return -(-c // shards) * shards, lambda x: jax.device_put(x, sharding), constrain
+
+
+def _chain_callback(callback, c):
+    """The callback with every per-chain entry cut to the ``C`` real chains (no padding)."""
+    if callback is None:
+        return None
+
+    def call(n, info):
+        cut = {k: v if k == "resumed" else jax.tree_util.tree_map(lambda x: x[:c], v)
+               for k, v in info.items()}  # fmt: skip
+        return callback(n, cut)
+
+    return call
+
+
+# ----------------------------------------------------------------------------- the drivers
 
 
 def run_chains(
@@ -477,6 +297,9 @@ def run_chains(
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_keep: int = 2,
     model_state: PyTree = None,
+    anchor_fn: Callable[[PyTree, jax.Array], PyTree] | None = None,
+    callback: Callable[[int, dict[str, Any]], None] | None = None,
+    checkpoint_every_epochs: int | None = None,
 ) -> ChainsResult:
     """Runs ``C`` persistent chains (Algorithm 1 each, or a population) in one compiled program.
 
@@ -542,6 +365,16 @@ def run_chains(
         restarts from ``init_params[c]`` and ``model_state[c]``; the state is threaded
         through the steps by ``loss_fn`` and never penalized or pushed (see
         :func:`pnjax.persistent_fit`).
+      anchor_fn: ``anchor_fn(params, key) -> params`` (traceable, for one chain) transforms
+        what chain ``c`` pushes after run ``n``; its key is ``fold_in(keys[c], 1000 + n)``, as
+        in :func:`pnjax.persistent_fit`. Default: the converged params.
+      callback: called after each iteration (round) with ``(iteration, info)``; ``info`` holds
+        ``[C]`` arrays ``score``, ``loss``, ``diverged``, ``champion_iteration`` and the
+        chains' final ``params`` (and ``model_state``), every leaf ``[C, ...]``. On resume it
+        is replayed for the restored iterations with ``info['resumed'] = True``. The
+        iterations then run one compiled call each (the same compilation).
+      checkpoint_every_epochs: mini-batch form only: also checkpoint the chains' training
+        state every this many epochs inside an iteration (compiled as chunks of epochs).
 
     Returns:
       A :class:`ChainsResult` (``champion_state``: each chain's championship state).
@@ -555,85 +388,21 @@ def run_chains(
     References:
       Min, *Persistent Neurons*, arXiv:2007.01419, Algorithm 1.
     """
-    if checkpoint_dir is not None:  # path, ownership, writability and lock, before any tracing
-        from pnjax import checkpoint as ckpt
-
-        folder_lock = ckpt.open_checkpoint_dir(checkpoint_dir)
-    compiled, args, finish, *stages = prepare_chains(
-        init_params,
-        loss_fn,
-        optimizer,
-        iterations=iterations,
-        lam=lam,
-        steps=steps,
-        layers=layers,
-        score_fn=score_fn,
-        key=key,
-        mode=mode,
-        mesh=mesh,
-        chain_axes=chain_axes,
-        layer_draw=layer_draw,
-        capacity=capacity,
-        data=data,
-        batch_size=batch_size,
-        epochs=epochs,
-        shuffle=shuffle,
-        log_every=log_every,
-        push_diverged=push_diverged,
-        jit=jit,
-        loop=loop,
-        model_state=model_state,
-        _stages=checkpoint_dir is not None,
-    )
-    if checkpoint_dir is None:
-        return finish(compiled(*args))
-    init_j, advance, masks, cap = stages[0]
-    keep = int(checkpoint_keep)
-    if keep < 1:
-        raise ValueError(f"checkpoint_keep must be an int >= 1, got {checkpoint_keep!r}.")
-    has_state = model_state is not None
-    extra = {"model_state": args[5]} if has_state else {}  # only with a state: old ones resume
-    fingerprint = ckpt.driver_fingerprint(
-        "run_chains",
-        {
-            "iterations": int(iterations),
-            "mode": mode,
-            "steps": steps,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "log_every": log_every,
-            "capacity": int(cap),
-            "shuffle": shuffle,
-            "push_diverged": push_diverged,
-            "num_args_chains": int(np.shape(args[1])[0]),
-        },
-        optimizer=optimizer,
-        params=jax.tree_util.tree_map(lambda x: x[0], init_params),
-        init_params=init_params,
-        lam=np.asarray(args[1]),
-        keys=np.asarray(jax.random.key_data(args[3])),
-        data=data,
-        layer_masks=np.asarray(masks),
-        **extra,
-    )
-    state = init_j(*args)
-
-    def like(meta: dict[str, Any]) -> PyTree:
-        ckpt.check_fingerprint(meta.get("fingerprint"), fingerprint, checkpoint_dir)
-        return state
-
-    done = 0
-    found = ckpt.restore_checkpoint(checkpoint_dir, like=like)
-    if found is not None:
-        state, done = found.state, int(found.metadata["done"])
-    if done <= int(iterations):
-        folder_lock.require_writable()
-    for n in range(done, int(iterations) + 1):
-        state = advance(state, n, n + 1, args)
-        jax.block_until_ready(state)
-        meta = {"fingerprint": fingerprint, "done": n + 1}
-        ckpt.save_checkpoint(checkpoint_dir, n + 1, state, meta, keep=keep)
-    return dataclasses.replace(finish(_outputs(state)), resumed_from=done)
+    p = _prepare(
+        init_params, loss_fn, optimizer, iterations=iterations, lam=lam, steps=steps,
+        layers=layers, score_fn=score_fn, key=key, mode=mode, mesh=mesh, chain_axes=chain_axes,
+        layer_draw=layer_draw, capacity=capacity, data=data, batch_size=batch_size,
+        epochs=epochs, shuffle=shuffle, log_every=log_every, push_diverged=push_diverged,
+        jit=jit, loop=loop, model_state=model_state, anchor_fn=anchor_fn,
+        checkpoint_dir=checkpoint_dir, checkpoint_keep=checkpoint_keep,
+        checkpoint_every_epochs=checkpoint_every_epochs,
+    )  # fmt: skip
+    state, resumed = run_loop(
+        p.plan.template, p.plan.advance, iterations=p.config.iterations,
+        checkpoints=p.checkpoints, callback=_chain_callback(callback, p.c),
+        has_state=p.has_state, partial_like=p.plan.partial_like, fused=p.plan.fused,
+    )  # fmt: skip
+    return dataclasses.replace(p.finish(state), resumed_from=resumed)
 
 
 def prepare_chains(
@@ -661,8 +430,8 @@ def prepare_chains(
     jit: Callable[..., Any] | None = None,
     loop: str = "auto",
     model_state: PyTree = None,
-    _stages: bool = False,
-) -> tuple[Callable[..., Any], tuple[Any, ...], Callable[[Any], ChainsResult]]:
+    anchor_fn: Callable[[PyTree, jax.Array], PyTree] | None = None,
+) -> PreparedChains:
     """:func:`run_chains` split in two: the jitted program, its arguments, and the unpacker.
 
     ``compiled, args, finish = prepare_chains(...)`` then ``finish(compiled(*args))`` is
@@ -673,176 +442,14 @@ def prepare_chains(
       As :func:`run_chains`.
 
     Returns:
-      ``(compiled, args, finish)``: the jitted program, its (sharded, padded) arguments, and
-      ``finish(outputs) -> ChainsResult``.
+      A :class:`PreparedChains` ``(compiled, args, finish)``: the jitted program, its
+      (sharded, padded) arguments, the data last, and ``finish(outputs) -> ChainsResult``.
     """
-    if mode not in MODES:
-        raise ValueError(
-            f"unknown mode {mode!r}; use mode='independent' (one bank per chain, Algorithm 1 "
-            "each) or mode='population' (one bank shared by all chains, filled in rounds)."
-        )
-    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)):
-        raise ValueError(f"iterations must be an int >= 0, got {iterations!r}.")
-    if iterations < 0:
-        raise ValueError(f"iterations must be an int >= 0, got {iterations!r}.")
-    iterations = int(iterations)
-    if shuffle not in ("same", "per_iteration"):
-        raise ValueError(f"shuffle must be 'same' or 'per_iteration', got {shuffle!r}.")
-    if data is None and (batch_size is not None or epochs is not None):
-        raise ValueError("batch_size and epochs need data=...; for full-batch training pass steps.")
-    if data is not None and steps is not None:
-        raise ValueError("pass either steps (full batch) or data with epochs, not both.")
-    c = num_chains(init_params)
-    has_state = model_state is not None
-    if has_state:
-        _check_state_chains(model_state, c)
-        model_state = jax.tree_util.tree_map(jnp.asarray, model_state)
-    lams = _chain_lams(lam, c)
-    keys = _chain_keys(key, c)
-    template = jax.tree_util.tree_map(lambda x: jnp.zeros(np.shape(x)[1:], x.dtype), init_params)
-    push_diverged = _checks.check_bool("push_diverged", push_diverged)
-    _checks.check_score_fn(score_fn, template, jax.tree_util.tree_map(lambda x: x[0], model_state))
-    names = layer_names(template)
-    idx = _layer_schedules(names, layers, layer_draw, iterations, keys, c)
-    masks = _masks(idx, len(names))
-    need = iterations if mode == "independent" else iterations * c
-    if capacity is None:
-        capacity = iterations + 1 if mode == "independent" else (iterations + 1) * c
-    if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
-        raise ValueError(f"capacity must be a positive int, got {capacity!r}.")
-    if capacity < need:
-        raise ValueError(
-            f"capacity={capacity} is smaller than the {need} anchors the last "
-            f"{'iteration' if mode == 'independent' else 'round'} needs; use capacity >= {need}."
-        )
-    run = make_train_run(
-        loss_fn,
-        optimizer,
-        steps=steps,
-        score_fn=score_fn,
-        data=data,
-        batch_size=batch_size,
-        epochs=epochs,
-        log_every=log_every,
-        has_state=has_state,
-    )
-
-    # Padding to a multiple of the device count (sharded runs); padded chains are inactive.
-    padded = c
-    constrain: Callable[[PyTree], PyTree] = lambda t: t  # noqa: E731
-    put: Callable[[Any], Any] = jnp.asarray
-    if mesh is not None:
-        axes = _mesh_axes(mesh, chain_axes)
-        shards = int(np.prod([mesh.shape[a] for a in axes]))
-        padded = -(-c // shards) * shards
-        spec = jax.sharding.PartitionSpec(axes)
-        sharding = jax.sharding.NamedSharding(mesh, spec)
-
-        def put(x):  # noqa: F811 - the sharded version
-            return jax.device_put(x, sharding)
-
-        def constrain(t):  # noqa: F811
-            return jax.tree_util.tree_map(
-                lambda x: jax.lax.with_sharding_constraint(x, sharding), t
-            )
-
-    def pad(x):
-        x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
-        if padded == c:
-            return x
-        return jnp.concatenate([x, jnp.repeat(x[:1], padded - c, axis=0)], axis=0)
-
-    active = np.arange(padded) < c
-    args = (
-        jax.tree_util.tree_map(lambda x: put(pad(x)), init_params),
-        put(pad(lams)),
-        put(pad(masks)),
-        put(pad(keys)),
-        put(jnp.asarray(active)),
-        jax.tree_util.tree_map(lambda x: put(pad(x)), model_state),
-    )
-    init_state, loop_fn = _build_program(
-        run,
-        template=template,
-        capacity=int(capacity),
-        iterations=iterations,
-        mode=mode,
-        shuffle=shuffle,
-        push_diverged=push_diverged,
-        constrain=constrain,
-    )
-
-    if loop not in ("auto", "scan", "python"):
-        raise ValueError(
-            f"loop must be 'auto', 'scan' (one compiled program) or 'python' (a compiled, "
-            f"vmapped update called from Python: faster for convolutional models on a CPU), "
-            f"got {loop!r}."
-        )
-    if loop == "python" and mesh is not None:
-        raise ValueError("loop='python' does not shard; with mesh=... use loop='scan' or 'auto'.")
-    if loop == "auto":
-        state_template = jax.tree_util.tree_map(lambda x: x[0], model_state)
-        loop = "scan" if mesh is not None else choose_loop(loss_fn, template, data, state_template)
-    compiler = jit or _compile.jit
-    if loop == "scan":
-        loop_j = compiler(loop_fn)
-
-        def advance(state, start, stop, a):
-            return loop_j(state, start, stop, *a)
-
-        def program(*a):
-            return _outputs(loop_fn(init_state(*a), 0, iterations + 1, *a))
-
-        compiled = compiler(program)
-    else:
-        advance = _python_chains(
-            run, mode=mode, shuffle=shuffle, post=loop_fn.post, compiler=compiler
-        )
-        init_j = compiler(init_state)
-
-        def compiled(*a):
-            return _outputs(advance(init_j(*a), 0, iterations + 1, a))
-
-    def finish(outputs: tuple[Any, ...]) -> ChainsResult:
-        return _finish(outputs, c=c, padded=padded, idx=idx, names=names, mode=mode)
-
-    if _stages:
-        return compiled, args, finish, (compiler(init_state), advance, masks, capacity)
-    return compiled, args, finish
-
-
-def _finish(
-    outputs: tuple[Any, ...],
-    *,
-    c: int,
-    padded: int,
-    idx: np.ndarray,
-    names: tuple[str, ...],
-    mode: str,
-) -> ChainsResult:
-    champ, champ_it, hist, bank, champ_state = outputs
-
-    def unpad(x):
-        return x[:c] if padded != c else x
-
-    hist = jax.device_get(hist)
-    history = {
-        "score": np.asarray(unpad(hist["score"]), np.float32),
-        "loss": np.asarray(unpad(hist["loss"]), np.float32),
-        "penalty": np.asarray(unpad(hist["penalty"]), np.float32),
-        "curve": np.asarray(unpad(hist["curve"]), np.float32),
-        "layer": idx,
-        "diverged": np.asarray(unpad(hist["diverged"]), bool),
-        "pushed": np.asarray(unpad(hist["pushed"]), bool),
-    }
-    if mode == "independent":
-        bank = jax.tree_util.tree_map(unpad, bank)
-    return ChainsResult(
-        champion=jax.tree_util.tree_map(unpad, champ),
-        champion_iteration=np.asarray(unpad(champ_it), np.int64),
-        history=history,
-        bank=bank,
-        layer_names=names,
-        mode=mode,
-        champion_state=jax.tree_util.tree_map(unpad, champ_state),
-    )
+    p = _prepare(
+        init_params, loss_fn, optimizer, iterations=iterations, lam=lam, steps=steps,
+        layers=layers, score_fn=score_fn, key=key, mode=mode, mesh=mesh, chain_axes=chain_axes,
+        layer_draw=layer_draw, capacity=capacity, data=data, batch_size=batch_size,
+        epochs=epochs, shuffle=shuffle, log_every=log_every, push_diverged=push_diverged,
+        jit=jit, loop=loop, model_state=model_state, anchor_fn=anchor_fn,
+    )  # fmt: skip
+    return PreparedChains(p.compiled, p.args, p.finish)

@@ -1,4 +1,5 @@
-"""Runs every ```python block of the tutorials, chains.md, diagnostics.md and baselines.md, in order, one namespace a page."""
+"""Runs every ```python block of the tutorials, chains.md, own_loop.md, diagnostics.md and
+baselines.md, in order, one namespace a page."""
 
 import re
 from pathlib import Path
@@ -6,7 +7,9 @@ from pathlib import Path
 import pytest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-PAGES = sorted(DOCS.glob("tutorial_*.md")) + [DOCS / "chains.md", DOCS / "diagnostics.md", DOCS / "baselines.md"]
+PAGES = sorted(DOCS.glob("tutorial_*.md")) + [
+    DOCS / "chains.md", DOCS / "own_loop.md", DOCS / "diagnostics.md", DOCS / "baselines.md"
+]
 # blocks that need several hosts cannot run in CI
 SKIP_MARKERS = ("jax.distributed.initialize",)
 # blocks that must set XLA_FLAGS before JAX starts: run as scripts in a fresh process
