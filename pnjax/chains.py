@@ -234,7 +234,7 @@ def _prepare(init_params, loss_fn, optimizer, *, iterations, lam, steps=None, la
             keys=np.asarray(jax.random.key_data(keys)), data=data, layer_masks=masks,
             model_state=model_state, optimizer=optimizer, params=template,
         ),
-        keep=cfg.keep, every=cfg.every, epochs=epochs, chunked=kind == "chunked",
+        keep=cfg.keep, every=cfg.every, epochs=epochs, chunked=kind == "chunked", lock=cfg.lock,
     )  # fmt: skip
     return _Chains(plan, compiled, args, finish, cfg, checkpoints, has_state, c)
 

@@ -30,6 +30,10 @@ class Config:
       folder: the checkpoint folder (given, or from the enclosing ``checkpoint_scope``).
       every: epochs between mid-iteration checkpoints, or ``None``.
       keep: checkpoints kept.
+      lock: the checkpoint folder's write lock (:func:`pnjax.checkpoint.open_checkpoint_dir`),
+        taken once every other argument is checked and before anything is traced or trained:
+        a bad, foreign, unwritable or busy folder is refused before any work; ``None`` without
+        a folder.
     """
 
     iterations: int
@@ -42,6 +46,7 @@ class Config:
     folder: Path | None = None
     every: int | None = None
     keep: int = 2
+    lock: Any = None
 
 
 def _chain_lam(lam: Any, chains: int | None) -> np.ndarray:
@@ -149,4 +154,13 @@ def make_config(
         folder=folder,
         every=every,
         keep=keep,
+        lock=_open_folder(folder),
     )
+
+
+def _open_folder(folder: Path | None) -> Any:
+    if folder is None:
+        return None
+    from pnjax import checkpoint as ckpt
+
+    return ckpt.open_checkpoint_dir(folder)

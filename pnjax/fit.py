@@ -199,7 +199,7 @@ def persistent_fit(
             model_state=model_state,
             optimizer=optimizer, params=init_params,
         ),
-        keep=cfg.keep, every=cfg.every, epochs=epochs, chunked=kind == "chunked",
+        keep=cfg.keep, every=cfg.every, epochs=epochs, chunked=kind == "chunked", lock=cfg.lock,
     )  # fmt: skip
     state, resumed = run_loop(
         plan.template, plan.advance, iterations=cfg.iterations, checkpoints=checkpoints,

@@ -80,7 +80,9 @@ def checkpoint_folder(checkpoint_dir: Any) -> Path | None:
             f"checkpoint_dir must be a folder path (str or os.PathLike), got "
             f"{type(checkpoint_dir).__name__}."
         )
-    return Path(checkpoint_dir)
+    from pnjax import checkpoint as ckpt
+
+    return ckpt._check_dir(checkpoint_dir)  # refuses '' (the current directory), a file
 
 
 def fingerprint(
@@ -201,9 +203,21 @@ class Checkpoints:
             "done": int(done),
             "partial_epochs": int(epoch),
             "has_finals": state.finals != (),
+            # for a person reading the folder (a resume reads the state, not these)
+            "champion_iteration": np.asarray(state.champion_iteration).tolist(),
+            "champion_score": _json_scores(state.champion_score),
         }
         step = done * self.chunks + (-(-epoch // self.every) if epoch else 0)
         ckpt.save_checkpoint(self.directory, step, tree, meta, keep=self.keep)
+
+
+def _json_scores(scores: Any) -> Any:
+    """Scores as JSON (a float or a list of them; ``None`` where not finite)."""
+    arr = np.asarray(scores, np.float64)
+    out = np.where(np.isfinite(arr), arr, np.nan).tolist()
+    if isinstance(out, float):
+        return out if np.isfinite(out) else None
+    return [s if np.isfinite(s) else None for s in out]
 
 
 def open_checkpoints(
@@ -214,13 +228,15 @@ def open_checkpoints(
     every: int | None,
     epochs: int | None,
     chunked: bool,
+    lock: Any = None,
 ) -> Checkpoints | None:
     """:class:`Checkpoints` for ``directory`` (``None`` without one)."""
     if directory is None:
         return None
     from pnjax import checkpoint as ckpt
 
-    lock = ckpt.open_checkpoint_dir(directory)  # path, ownership, writability, lock: before training
+    if lock is None:  # path, ownership, writability, lock: before training
+        lock = ckpt.open_checkpoint_dir(directory)
     chunks = -(-int(epochs) // int(every)) if chunked and every and epochs else 1
     return Checkpoints(
         directory, fingerprint_fn(), keep, every if chunked else None, chunks, lock=lock

@@ -114,7 +114,7 @@ def persistent_search(
               "anchor_fn": anchor_fn is not None}  # fmt: skip
     checkpoints = open_checkpoints(
         cfg.folder, lambda: fingerprint(config, init_params=init_params, key=key),
-        keep=cfg.keep, every=None, epochs=None, chunked=False,
+        keep=cfg.keep, every=None, epochs=None, chunked=False, lock=cfg.lock,
     )  # fmt: skip
     state, resumed = run_loop(template, advance, iterations=cfg.iterations,
                               checkpoints=checkpoints, callback=callback, has_state=False)  # fmt: skip
