@@ -59,44 +59,49 @@ def _check_every(every: Any, total: int, unit: str) -> int:
 
 @functools.lru_cache(maxsize=8)
 def _compiled_record(
-    run: Callable[..., Any], every: int, probe: Callable[[PyTree], PyTree], jit: Callable[..., Any]
+    run: Any, every: int, probe: Callable[[PyTree], PyTree], jit: Callable[..., Any]
 ) -> Callable[..., Any]:
     """The compiled :func:`record_run` program; cached, so replays of one run share it."""
-    total = int(run.epochs) if run.minibatch else int(run.steps)
+    from pnjax.run import Penalty
+
+    total = _length(run)
     chunks, rest = divmod(total, every)
 
-    def advance(carry, n, bank, lam, mask, keys):
-        """``n`` steps (full batch) or epochs (``keys`` ``[n]``) from ``carry``."""
+    def advance(carry, pen, keys, data):
+        """``len(keys)`` epochs (mini-batch) or steps (full batch) from ``carry``."""
         if run.minibatch:
-            return run.parts.epochs_chunk(carry, bank, lam, mask, keys)[0]
-        return jax.lax.scan(
-            lambda c, _: (run.step(c, None, bank, lam, mask)[0], None), carry, None, length=n
-        )[0]
+            return run.epochs(carry, pen, keys, data)[0]
+        return jax.lax.scan(lambda c, _: (run.step(c, None, pen)[0], None), carry, keys)[0]
 
-    def program(params0, bank, lam, mask, key, state0):
+    def program(params0, bank, lam, mask, key, state0, data):
+        pen = Penalty(bank, lam, mask)
         carry = run.start(params0, state0)
-        ekeys = jax.random.split(key, total) if run.minibatch else jnp.zeros((total,))
-        first = probe(carry[0])
+        ekeys = run.epoch_keys(key) if run.minibatch else jnp.zeros((total,))
+        first = probe(carry.params)
 
         def body(c, k):
-            c = advance(c, every, bank, lam, mask, k)
-            return c, probe(c[0])
+            c = advance(c, pen, k, data)
+            return c, probe(c.params)
 
         body_keys = ekeys[: chunks * every].reshape((chunks, every) + ekeys.shape[1:])
         carry, probes = jax.lax.scan(body, carry, body_keys)
         probes = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), first, probes)
         if rest:
-            carry = advance(carry, rest, bank, lam, mask, ekeys[chunks * every :])
-            last = probe(carry[0])
+            carry = advance(carry, pen, ekeys[chunks * every :], data)
+            last = probe(carry.params)
             probes = jax.tree_util.tree_map(
                 lambda a, b: jnp.concatenate([a, b[None]]), probes, last
             )
-        params, state = carry[0], carry[2]
-        metrics = run.finish(params, bank, lam, mask, jnp.zeros((0,)), state)
+        metrics = dict(run.finish(carry, pen, jnp.zeros((0,)), data))
         metrics.pop("curve")
-        return params, state, probes, metrics
+        return carry.params, carry.model_state, probes, metrics
 
     return jit(program)
+
+
+def _length(run: Any) -> int:
+    """The run's length in epochs (mini-batch) or steps (full batch)."""
+    return int(run.iteration.epochs if run.minibatch else run.iteration.steps)
 
 
 def _identity(params: PyTree) -> PyTree:
@@ -144,8 +149,12 @@ def record_run(
       ValueError: ``every`` not a positive integer or longer than the run; a ``state0`` that
         does not match ``run.has_state``.
     """
-    if getattr(run, "core", None) is None:
-        raise ValueError("run must be the function returned by pnjax.make_train_run.")
+    from pnjax.run import TrainRun
+
+    if not isinstance(run, TrainRun):
+        raise ValueError(
+            f"run must be what pnjax.make_train_run returns, got {type(run).__name__}."
+        )
     if bool(run.has_state) != (state0 is not None):
         raise ValueError(
             "state0 is needed exactly when the run was built with has_state=True "
@@ -154,17 +163,16 @@ def record_run(
     probe = probe or _identity
     mask = jnp.ones((bank.num_layers,), jnp.float32) if mask is None else mask
     key = jax.random.key(0) if key is None else key
-    if run.minibatch:
-        total, unit = int(run.epochs), "epochs"
-    else:
-        total, unit = int(run.steps), "steps"
+    total, unit = _length(run), "epochs" if run.minibatch else "steps"
     every = _check_every(every, total, unit)
     chunks, rest = divmod(total, every)
 
     program = _compiled_record(run, every, probe, jit)
     params, state, probes, metrics = program(
-        params0, bank, jnp.asarray(lam, jnp.float32), jnp.asarray(mask), key, state0
-    )
+        params0, bank, jnp.asarray(lam, jnp.float32), jnp.asarray(mask), key,
+        () if state0 is None else state0, run.data,
+    )  # fmt: skip
+    state = None if state0 is None else state
     at = np.arange(chunks + 1) * every
     if rest:
         at = np.append(at, total)
