@@ -92,23 +92,31 @@ class KinkDense(nn.Module):
 # ----------------------------------------------------------------------------- problems
 
 
-def kink_problem() -> tuple[Callable[[Any], jax.Array], Callable[[jax.Array], Any]]:
-    """``loss_fn(params)`` and ``init(key)`` of the kink MLP (through ``pnjax.fast_dots``)."""
+def kink_problem(
+    use_fast_dots: bool,
+) -> tuple[Callable[[Any], jax.Array], Callable[[jax.Array], Any]]:
+    """``loss_fn(params)`` and ``init(key)`` of the kink MLP, as written or through
+    ``pnjax.fast_dots`` (a CPU-specific rewrite of the dense layers' products)."""
     x, y = (jnp.asarray(a) for a in make_kink_data())
     model = KinkDense()
 
     def loss_fn(params: Any) -> jax.Array:
         return jnp.mean((model.apply({"params": params}, x) - y) ** 2)
 
-    return pnjax.fast_dots(loss_fn), lambda k: model.init(k, x)["params"]
+    loss = pnjax.fast_dots(loss_fn) if use_fast_dots else loss_fn
+    return loss, lambda k: model.init(k, x)["params"]
 
 
-def lenet_problem(batch: int) -> tuple[Callable[[Any], jax.Array], Callable[[jax.Array], Any]]:
-    """``loss_fn(params)`` and ``init(key)`` of LeNet-5 on a fixed random batch."""
+def lenet_problem(
+    batch: int, fast_pool: bool
+) -> tuple[Callable[[Any], jax.Array], Callable[[jax.Array], Any]]:
+    """``loss_fn(params)`` and ``init(key)`` of LeNet-5 on a fixed batch of random pixels
+    (a timing input only: no accuracy is ever read from it). ``fast_pool=False`` is the model
+    as a Flax user writes it (``nn.Conv`` + ``nn.max_pool``); ``True`` is pnjax's CPU layer."""
     rng = np.random.RandomState(0)
     x = jnp.asarray(rng.randn(batch, 32, 32, 3).astype(np.float32))
     y = jnp.asarray(rng.randint(0, 10, batch))
-    model = LeNet5()
+    model = LeNet5(fast_pool=fast_pool)
 
     def loss_fn(params: Any) -> jax.Array:
         logits = model.apply({"params": params}, x)
@@ -194,7 +202,9 @@ def _median_time(fn: Callable[[], Any], reps: int) -> float:
     return statistics.median(ts)
 
 
-def step_time(name: str, batch: int, reps: int, small: bool = False) -> dict[str, Any]:
+def step_time(
+    name: str, batch: int, reps: int, small: bool = False, fast_pool: bool = False
+) -> dict[str, Any]:
     """Median seconds of one jitted SGD-momentum step of ``name`` (``lenet5``, ``resnet18``).
 
     ``small`` (the ``--quick`` smoke test only): ResNet-18 with one block per stage on
@@ -208,7 +218,7 @@ def step_time(name: str, batch: int, reps: int, small: bool = False) -> dict[str
     if bn:
         model = ResNet18(stage_sizes=(1, 1, 1, 1)) if small else ResNet18()
     else:
-        model = LeNet5()
+        model = LeNet5(fast_pool=fast_pool)
     variables = model.init(jax.random.key(0), x[:2], **({"train": False} if bn else {}))
     params, stats = variables["params"], variables.get("batch_stats", {})
     tx = optax.sgd(LR, momentum=MOM)
@@ -235,7 +245,8 @@ def step_time(name: str, batch: int, reps: int, small: bool = False) -> dict[str
     first = time.perf_counter() - t
     sec = _median_time(lambda: step(params, stats, opt), reps)
     return {
-        "model": f"{type(model).__name__}{'(stage_sizes=(1, 1, 1, 1))' if small else ''}",
+        "model": f"{type(model).__name__}{'(stage_sizes=(1, 1, 1, 1))' if small else ''}"
+        + ("" if bn else f"(fast_pool={fast_pool})"),
         "input": [batch, side, side, 3],
         "step_ms": sec * 1e3,
         "first_call_s": first,
@@ -243,9 +254,9 @@ def step_time(name: str, batch: int, reps: int, small: bool = False) -> dict[str
     }
 
 
-def penalty_overhead(batch: int, reps: int, k: int = 20) -> dict[str, Any]:
+def penalty_overhead(batch: int, reps: int, fast_pool: bool, k: int = 20) -> dict[str, Any]:
     """LeNet-5 SGD step with the Eq. 6 bias of ``k`` anchors vs the same step without it."""
-    loss_fn, init = lenet_problem(batch)
+    loss_fn, init = lenet_problem(batch, fast_pool)
     params = init(jax.random.key(0))
     bank = pnjax.AnchorBank.create(params, k)
     for i in range(k):
@@ -295,8 +306,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = QUICK if a.quick else FULL
     t0 = time.perf_counter()
     dev = jax.devices()[0]
+    on_cpu = jax.default_backend() == "cpu"
     out: dict[str, Any] = {
-        "command": "python benchmarks/accelerator.py" + (" --quick" if a.quick else ""),
+        "command": "python benchmarks/accelerator.py"
+        + (" --quick" if a.quick else "")
+        + (f" --budget-s {a.budget_s:g}" if a.budget_s != 420.0 else ""),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "quick": a.quick,
         "machine": {
@@ -306,61 +320,96 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "cpu_count": os.cpu_count(),
             "loadavg": os.getloadavg(),
             "platform": platform.platform(),
+            "python": platform.python_version(),
             "jax": jax.__version__,
+            "flax": _version("flax"),
+            "optax": optax.__version__,
             "pnjax": pnjax.__version__,
             "compiler_options": _compile.cpu_compiler_options(),
         },
-        "settings": {k: v for k, v in cfg.items()},
+        "settings": {**cfg, "budget_s": a.budget_s, "min_gain": a.min_gain},
+        # The models as a user writes them; pnjax's CPU-specific layers (fast_dots, the fast
+        # conv-relu-pool) only where the backend is the CPU, and always labelled.
+        "models": {
+            "kink": "Flax nn.Dense 1-32-32-1" + (" through pnjax.fast_dots" if on_cpu else ""),
+            "lenet5": f"pnjax.models.LeNet5(fast_pool={on_cpu})",
+        },
+        "errors": {},
     }
-    # budget shares: kink 35%, LeNet chains 35%, the rest for step times and the penalty
-    budget = a.budget_s
-    phases: dict[str, float] = {}
-    mark = time.perf_counter()
-
-    def phase(name: str) -> None:
-        nonlocal mark
-        now = time.perf_counter()
-        phases[name] = now - mark
-        mark = now
-
-    print("kink chains", flush=True)
-    out["kink_chains"] = chains_sweep(
-        kink_problem(), cfg["kink_chains"], cfg["kink_steps"], a.min_gain, t0 + 0.35 * budget
-    )
-    phase("kink_chains")
-    print("LeNet-5 chains", flush=True)
-    out["lenet5_chains"] = chains_sweep(
-        lenet_problem(cfg["lenet_batch"]),
-        cfg["lenet_chains"],
-        cfg["lenet_steps"],
-        a.min_gain,
-        t0 + 0.7 * budget,
-    )
-    phase("lenet5_chains")
-    print("penalty overhead and LeNet-5 step", flush=True)
-    pen = out["penalty_overhead"] = penalty_overhead(cfg["step_batch"], cfg["step_reps"])
-    phase("penalty_overhead")
-    out["step_time"] = {
-        "lenet5": {
-            "model": "LeNet5",
-            "input": [cfg["step_batch"], 32, 32, 3],
-            "step_ms": pen["plain_step_ms"],
-            "from": "penalty_overhead.plain_step_ms",
-        }
-    }
-    print("ResNet-18 step", flush=True)
-    out["step_time"]["resnet18"] = step_time(
-        "resnet18", cfg["step_batch"], cfg["step_reps"], small=cfg["resnet"] == "small"
-    )
-    phase("step_time_resnet18")
-    out["phase_s"] = phases
-    out["wall_s"] = time.perf_counter() - t0
     path = Path(a.out or RESULTS / f"accelerator_{jax.default_backend()}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
+    budget = a.budget_s
+    phases: dict[str, float] = {}
+    out["phase_s"] = phases
+
+    def run_phase(name: str, fn: Callable[[], Any]) -> Any:
+        """Runs one phase; an error is recorded and the next phase runs. Writes the JSON after
+        each phase, so a run cut short keeps what it measured."""
+        print(name, flush=True)
+        start = time.perf_counter()
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - an unattended run records and goes on
+            import traceback
+
+            traceback.print_exc()
+            out["errors"][name] = f"{type(e).__name__}: {e}"[:2000]
+            result = None
+        phases[name] = time.perf_counter() - start
+        out["wall_s"] = time.perf_counter() - t0
+        path.write_text(json.dumps(out, indent=1))
+        return result
+
+    # budget shares: kink 35%, LeNet chains 35%, the rest for step times and the penalty
+    out["kink_chains"] = run_phase(
+        "kink_chains",
+        lambda: chains_sweep(
+            kink_problem(use_fast_dots=on_cpu),
+            cfg["kink_chains"],
+            cfg["kink_steps"],
+            a.min_gain,
+            t0 + 0.35 * budget,
+        ),
+    )
+    out["lenet5_chains"] = run_phase(
+        "lenet5_chains",
+        lambda: chains_sweep(
+            lenet_problem(cfg["lenet_batch"], fast_pool=on_cpu),
+            cfg["lenet_chains"],
+            cfg["lenet_steps"],
+            a.min_gain,
+            t0 + 0.7 * budget,
+        ),
+    )
+    out["penalty_overhead"] = run_phase(
+        "penalty_overhead",
+        lambda: penalty_overhead(cfg["step_batch"], cfg["step_reps"], fast_pool=on_cpu),
+    )
+    out["step_time"] = {}
+    for name, kw in (
+        ("lenet5", {"fast_pool": False}),
+        ("lenet5_fast_pool", {"fast_pool": True}),
+        ("resnet18", {"small": cfg["resnet"] == "small"}),
+    ):
+        model = name.split("_")[0]
+        out["step_time"][name] = run_phase(
+            f"step_time_{name}",
+            lambda model=model, kw=kw: step_time(model, cfg["step_batch"], cfg["step_reps"], **kw),
+        )
+    out["wall_s"] = time.perf_counter() - t0
     path.write_text(json.dumps(out, indent=1))
-    print(json.dumps({k: out[k] for k in ("phase_s", "wall_s")}, indent=1))
+    print(json.dumps({k: out[k] for k in ("phase_s", "wall_s", "errors")}, indent=1))
     print("wrote", path)
     return out
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ def test_accelerator_quick_writes_every_section(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["quick"] is True
+    assert res["errors"] == {}, res["errors"]
     assert {"backend", "device_kind", "jax", "loadavg"} <= set(res["machine"])
     for sweep in ("kink_chains", "lenet5_chains"):
         rows = res[sweep]["rows"]
@@ -32,7 +33,7 @@ def test_accelerator_quick_writes_every_section(tmp_path: Path) -> None:
         assert {"us_per_chain_step", "chain_steps_per_s", "compile_s", "call_s"} <= set(rows[0])
         assert all(t > 0 for r in rows for t in r["call_s"])
         assert res[sweep]["stop"]
-    for model in ("lenet5", "resnet18"):
+    for model in ("lenet5", "lenet5_fast_pool", "resnet18"):
         assert res["step_time"][model]["step_ms"] > 0
     pen = res["penalty_overhead"]
     assert pen["K"] == 20 and pen["plain_step_ms"] > 0 and pen["penalized_step_ms"] > 0
