@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 from pnjax import algorithm
-from pnjax._checks import check_score_fn
+from pnjax._checks import check_driver_args, check_score_fn
 from pnjax.config import MODES, Config, make_config
 from pnjax.drivers import default_jit, resolve_loop
 from pnjax.layers import layer_names
@@ -166,6 +166,11 @@ def _prepare(init_params, loss_fn, optimizer, *, iterations, lam, steps=None, la
              checkpoint_every_epochs=None) -> _Chains:  # fmt: skip
     """Checks the arguments and builds the chains' program (see :func:`run_chains`)."""
     c = num_chains(init_params)
+    one = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)), init_params
+    )
+    check_driver_args(loss_fn, optimizer, data=data, model_state=model_state, jit=jit,
+                      params=one, mesh=mesh)  # fmt: skip
     cfg = make_config(
         iterations=iterations, lam=lam, steps=steps, data=data, batch_size=batch_size,
         epochs=epochs, shuffle=shuffle, layer_draw=layer_draw, capacity=capacity, mode=mode,

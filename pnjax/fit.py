@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from pnjax import algorithm
-from pnjax._checks import check_score_fn
+from pnjax._checks import check_driver_args, check_score_fn
 from pnjax.config import make_config
 from pnjax.drivers import choose_loop, python_loop_run, resolve_loop
 from pnjax.drivers import default_jit as _default_jit
@@ -160,6 +160,8 @@ def persistent_fit(
     References:
       Min, *Persistent Neurons*, arXiv:2007.01419, Algorithm 1.
     """
+    check_driver_args(loss_fn, optimizer, data=data, model_state=model_state, jit=jit,
+                      params=init_params)  # fmt: skip
     cfg = make_config(
         iterations=iterations, lam=lam, steps=steps, data=data, batch_size=batch_size,
         epochs=epochs, shuffle=shuffle, layer_draw=layer_draw, capacity=capacity,
