@@ -331,7 +331,8 @@ def run_chains(
         ``loss_fn(params, batch)`` with ``data``; with ``model_state``: ``loss_fn(params,
         state) -> (loss, new_state)`` or ``loss_fn(params, state, batch) -> (loss,
         new_state)`` for one chain's params and state.
-      optimizer: any Optax transformation; re-initialized for every run of every chain.
+      optimizer: any Optax transformation; re-initialized for every run of every chain
+        (``value``/``grad``/``value_fn`` for ``L + P`` as in :func:`pnjax.persistent_fit`).
       iterations: N, persistent runs (rounds, in population mode) after the plain one.
       lam: λ >= 0, a scalar or a ``[C]`` array (one λ per chain).
       steps: updates per run (full-batch form).
@@ -389,6 +390,8 @@ def run_chains(
         ``mode``, ``layers``, ``shuffle`` or ``layer_draw``, a bad ``capacity``, steps or data,
         a ``model_state`` without the chain axis, or a ``loss_fn`` whose output does not fit
         ``model_state``.
+      TypeError: as :func:`pnjax.persistent_fit`, and a ``mesh`` that is not a
+        ``jax.sharding.Mesh``.
 
     References:
       Min, *Persistent Neurons*, arXiv:2007.01419, Algorithm 1.

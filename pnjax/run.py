@@ -458,7 +458,7 @@ def make_train_run(
 
     Args:
       loss_fn: the training loss.
-      optimizer: any Optax transformation.
+      optimizer: any Optax transformation (see :meth:`TrainRun.step` for extra arguments).
       steps: number of full-batch updates.
       score_fn: ``score_fn(params) -> scalar`` (``score_fn(params, state)`` with
         ``has_state``), lower is better. Defaults to the loss (over the whole ``data`` in the

@@ -15,7 +15,6 @@ import optax
 import pytest
 
 import pnjax
-from pnjax._checks import check_loss_signature
 from pnjax.cli import build_parser
 
 X = jnp.linspace(-1.0, 1.0, 16).reshape(8, 2)
@@ -69,6 +68,8 @@ def test_full_batch_loss_with_data_is_refused_before_tracing(driver):
         DRIVERS[driver](traced(batch_loss, calls), optax.sgd(0.1), steps=2)
     assert calls == []
     # *args and functools.partial are read through, not refused
+    from pnjax._checks import check_loss_signature
+
     check_loss_signature(lambda *a: 0.0, has_state=False, minibatch=True)
     check_loss_signature(functools.partial(lambda s, p, b: 0.0, 2.0), has_state=False,
                          minibatch=True)  # fmt: skip
