@@ -233,7 +233,17 @@ def _trained(
     )
     if all(jax.tree_util.tree_leaves(trained)):
         return optimizer
-    return optax.masked(optimizer, trained)
+    return optax.masked(optimizer, trained, mask_compatible_extra_args=True)
+
+
+def _unmasked(p: PyTree, params: PyTree) -> PyTree:
+    """``p`` with the leaves ``optax.masked`` left out (``MaskedNode``) taken from ``params``."""
+    return jax.tree_util.tree_map(
+        lambda new, old: old if isinstance(new, optax.MaskedNode) else new,
+        p,
+        params,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+    )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -294,6 +304,7 @@ class TrainRun:
             # unused by most optimizers, and then removed by XLA as dead code
 
             def objective(p: PyTree) -> jax.Array:
+                p = _unmasked(p, params)  # integer leaves, left out by optax.masked
                 value = self.loss(p, model_state, batch)[0]
                 return jnp.asarray(value, jnp.float32) + persistent_penalty(p, *pen)
 

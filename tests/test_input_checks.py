@@ -149,12 +149,14 @@ def test_bad_keywords_are_refused_like_persistent_fit_refuses_them(tmp_path):
 def test_integer_param_leaves_are_kept_and_the_rest_is_trained(driver):
     p0 = {**P0, "count": {"n": jnp.asarray(7, jnp.int32)}}
 
-    def loss(p, batch):
+    def loss(p, batch=DATA):
         return batch_loss(p, batch) + 0.0 * p["count"]["n"]
 
-    init = p0 if driver == "persistent_fit" else chains(p0)
-    run = pnjax.persistent_fit if driver == "persistent_fit" else pnjax.run_chains
-    res = run(init, loss, optax.sgd(0.1), data=DATA, batch_size=4, epochs=5, **KW)
+    if driver == "persistent_fit":  # full batch, with L-BFGS's value_fn on the float leaves
+        res = pnjax.persistent_fit(p0, loss, optax.lbfgs(), steps=10, **KW)
+    else:
+        res = pnjax.run_chains(chains(p0), loss, optax.sgd(0.1), data=DATA, batch_size=4,
+                               epochs=5, **KW)  # fmt: skip
     start = float(batch_loss(P0, DATA))
     assert np.all(np.asarray(res.history["loss"]) < 0.5 * start)
     assert np.all(np.asarray(res.champion["count"]["n"]) == 7)
