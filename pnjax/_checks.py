@@ -7,6 +7,8 @@ first training run) or obscurely (``IndexError: tuple index out of range``, "onl
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -120,3 +122,187 @@ def check_callback_replay(
         "replayed with them. Resume without callback= (and call it on the result), or start "
         "afresh in an empty folder with the callback from the first iteration on."
     )
+
+
+# ----------------------------------------------------------------------------- driver arguments
+
+
+def loss_form(*, has_state: bool, minibatch: bool) -> str:
+    """How a driver calls ``loss_fn``: ``'loss_fn(params[, model_state][, batch])'``."""
+    return (
+        "loss_fn(params"
+        + (", model_state" if has_state else "")
+        + (", batch)" if minibatch else ")")
+    )
+
+
+def check_loss_signature(loss_fn: Any, *, has_state: bool, minibatch: bool) -> None:
+    """Refuses a ``loss_fn`` that cannot be called the way the driver will call it.
+
+    The call is checked against ``inspect.signature`` (which follows ``functools.partial``,
+    bound methods and ``*args``) without calling anything; a callable without a readable
+    signature is let through.
+
+    Args:
+      loss_fn: the training loss.
+      has_state: a ``model_state`` was given (it is passed after the params).
+      minibatch: ``data`` was given (the batch is passed last).
+
+    Raises:
+      TypeError: ``loss_fn`` is not callable, or does not accept the driver's arguments, e.g.
+        a full-batch ``loss_fn(params)`` passed together with ``data=``.
+    """
+    form = loss_form(has_state=has_state, minibatch=minibatch)
+    if not callable(loss_fn):
+        raise TypeError(
+            f"loss_fn must be a function called as {form}, got {loss_fn!r:.60} "
+            f"({type(loss_fn).__name__})."
+        )
+    try:
+        sig = inspect.signature(loss_fn)
+    except (TypeError, ValueError):  # builtins and C callables without a signature
+        return
+    n = 1 + has_state + minibatch
+    try:
+        sig.bind(*([None] * n))
+    except TypeError as err:
+        name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+        if minibatch:
+            fix = (
+                f"with data=, loss_fn must take (params{', model_state' if has_state else ''}, "
+                "batch), the batch being a slice of data along its first axis (e.g. `def "
+                "loss_fn(params, batch): x, y = batch; ...`); for full-batch training drop "
+                "data=, batch_size= and epochs= and pass steps= instead."
+            )
+        else:
+            fix = (
+                f"without data=, loss_fn must take (params{', model_state' if has_state else ''})"
+                " (full batch, steps= updates); for mini-batches pass data=, batch_size= and "
+                "epochs= and loss_fn(params, batch)."
+            )
+        raise TypeError(f"loss_fn {name}{sig} cannot be called as {form} ({err}); {fix}") from None
+
+
+def check_optimizer(optimizer: Any) -> None:
+    """Refuses an ``optimizer`` that is not an Optax gradient transformation.
+
+    Anything with callable ``init`` and ``update`` attributes is accepted (Optax's
+    ``GradientTransformation`` is such a pair).
+
+    Raises:
+      TypeError: e.g. ``optax.adam`` passed uncalled (the factory, not the transformation).
+    """
+    if callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None)):
+        return
+    name = getattr(optimizer, "__name__", None)
+    if callable(optimizer) and name:
+        module = getattr(optimizer, "__module__", "") or ""
+        qual = f"optax.{name}" if module.split(".")[0] == "optax" else name
+        try:
+            params = list(inspect.signature(optimizer).parameters)
+        except (TypeError, ValueError):
+            params = []
+        example = f"{qual}(1e-3)" if params[:1] == ["learning_rate"] else f"{qual}(...)"
+        raise TypeError(
+            f"optimizer={qual} is the factory, not an optax.GradientTransformation; call it: "
+            f"optimizer={example}."
+        )
+    raise TypeError(
+        f"optimizer must be an optax.GradientTransformation (an (init, update) pair such as "
+        f"optax.adam(1e-3) or optax.chain(...)), got {optimizer!r:.60} "
+        f"({type(optimizer).__name__})."
+    )
+
+
+def check_jit(jit: Any) -> None:
+    """Refuses a ``jit=`` that is not ``None`` or a callable like ``jax.jit``."""
+    if jit is not None and not callable(jit):
+        raise TypeError(
+            f"jit must be callable like jax.jit (it is called as jit(fn) and returns the "
+            f"compiled fn), got {jit!r:.60} ({type(jit).__name__}); pass jax.jit, "
+            "functools.partial(jax.jit, ...), or None for pnjax's default."
+        )
+
+
+def check_mesh(mesh: Any) -> None:
+    """Refuses a ``mesh=`` that is not ``None`` or a ``jax.sharding.Mesh``."""
+    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(
+            f"mesh must be a jax.sharding.Mesh or None, got {mesh!r:.60} "
+            f"({type(mesh).__name__}); make one with jax.make_mesh((jax.device_count(),), "
+            "('chains',)), or pass mesh=None to run every chain on one device."
+        )
+
+
+def warn_own_bias(optimizer: Any, params: PyTree) -> None:
+    """Warns (``UserWarning``) when ``optimizer``'s state holds a ``PersistentBiasState``.
+
+    The drivers add the persistent penalty themselves; a ``pnjax.persistent_bias`` inside the
+    optimizer would add a second one, over a bank the drivers never fill. The state's structure
+    comes from ``jax.eval_shape(optimizer.init, params)``: nothing is computed.
+    """
+    from pnjax.transform import PersistentBiasState
+
+    try:
+        state = jax.eval_shape(optimizer.init, params)
+    except Exception:  # noqa: BLE001 - the run reports init errors itself
+        return
+    leaves = jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, PersistentBiasState))
+    if any(isinstance(x, PersistentBiasState) for x in leaves):
+        warnings.warn(
+            "the optimizer contains a pnjax.persistent_bias (its state holds a "
+            "PersistentBiasState), but the driver adds the persistent penalty itself: the run "
+            "would be penalized twice, once over a bank the driver never fills. Pass the plain "
+            "optimizer (e.g. optax.sgd(...) without persistent_bias); persistent_bias is for "
+            "your own training loop (pnjax.persistent_search).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def check_driver_args(
+    loss_fn: Any,
+    optimizer: Any,
+    *,
+    data: PyTree,
+    model_state: PyTree,
+    jit: Any,
+    params: PyTree,
+    mesh: Any = None,
+) -> None:
+    """The drivers' checks of their callables, run before the checkpoint folder is opened and
+    before anything is traced: ``loss_fn``'s signature, ``optimizer``, ``jit`` and ``mesh``;
+    then a warning for a ``persistent_bias`` inside ``optimizer``.
+
+    Args:
+      params: one model's params (no chain axis), for the optimizer's abstract state.
+    """
+    check_optimizer(optimizer)
+    check_loss_signature(loss_fn, has_state=model_state is not None, minibatch=data is not None)
+    check_jit(jit)
+    check_mesh(mesh)
+    warn_own_bias(optimizer, params)
+
+
+def int_layer_mask(names: tuple[str, ...], layers: Any) -> jax.Array | None:
+    """The ``[num_layers]`` mask of an int layer index (``-1``: every layer), as the drivers
+    read ``layers=2``; ``None`` when ``layers`` is not an int (nor a 0-d int array).
+
+    Raises:
+      ValueError: an index outside ``-1 .. num_layers - 1``.
+    """
+    is_int = isinstance(layers, (int, np.integer)) and not isinstance(layers, (bool, np.bool_))
+    if isinstance(layers, (np.ndarray, jax.Array)) and np.ndim(layers) == 0:
+        is_int = np.issubdtype(np.asarray(layers).dtype, np.integer)
+    if not is_int:
+        return None
+    i, num = int(layers), len(names)
+    if not -1 <= i < num:
+        raise ValueError(
+            f"layer index {i} is out of range for the layers {names}; layers must be a layer "
+            f"name, a list/tuple of layer names, a layer index in 0..{num - 1} (-1: every "
+            "layer) or a [num_layers] mask."
+        )
+    if i < 0:
+        return jnp.ones((num,), jnp.float32)
+    return jnp.zeros((num,), jnp.float32).at[i].set(1.0)

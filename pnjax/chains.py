@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 from pnjax import algorithm
-from pnjax._checks import check_score_fn
+from pnjax._checks import check_driver_args, check_score_fn
 from pnjax.config import MODES, Config, make_config
 from pnjax.drivers import default_jit, resolve_loop
 from pnjax.layers import layer_names
@@ -166,6 +166,11 @@ def _prepare(init_params, loss_fn, optimizer, *, iterations, lam, steps=None, la
              checkpoint_every_epochs=None) -> _Chains:  # fmt: skip
     """Checks the arguments and builds the chains' program (see :func:`run_chains`)."""
     c = num_chains(init_params)
+    one = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)), init_params
+    )
+    check_driver_args(loss_fn, optimizer, data=data, model_state=model_state, jit=jit,
+                      params=one, mesh=mesh)  # fmt: skip
     cfg = make_config(
         iterations=iterations, lam=lam, steps=steps, data=data, batch_size=batch_size,
         epochs=epochs, shuffle=shuffle, layer_draw=layer_draw, capacity=capacity, mode=mode,
@@ -326,7 +331,8 @@ def run_chains(
         ``loss_fn(params, batch)`` with ``data``; with ``model_state``: ``loss_fn(params,
         state) -> (loss, new_state)`` or ``loss_fn(params, state, batch) -> (loss,
         new_state)`` for one chain's params and state.
-      optimizer: any Optax transformation; re-initialized for every run of every chain.
+      optimizer: any Optax transformation; re-initialized for every run of every chain
+        (``value``/``grad``/``value_fn`` for ``L + P`` as in :func:`pnjax.persistent_fit`).
       iterations: N, persistent runs (rounds, in population mode) after the plain one.
       lam: λ >= 0, a scalar or a ``[C]`` array (one λ per chain).
       steps: updates per run (full-batch form).
@@ -384,6 +390,8 @@ def run_chains(
         ``mode``, ``layers``, ``shuffle`` or ``layer_draw``, a bad ``capacity``, steps or data,
         a ``model_state`` without the chain axis, or a ``loss_fn`` whose output does not fit
         ``model_state``.
+      TypeError: as :func:`pnjax.persistent_fit`, and a ``mesh`` that is not a
+        ``jax.sharding.Mesh``.
 
     References:
       Min, *Persistent Neurons*, arXiv:2007.01419, Algorithm 1.

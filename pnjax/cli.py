@@ -42,6 +42,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 _FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32
 
 
 def _nonneg_float(name: str):
@@ -55,6 +56,11 @@ def _nonneg_float(name: str):
         if value > _FLOAT32_MAX:  # the runs compute in float32
             raise argparse.ArgumentTypeError(
                 f"{name} must fit in float32 (<= {_FLOAT32_MAX:.4g}), got {text!r}"
+            )
+        if 0 < value < _FLOAT32_TINY:  # a float32 subnormal or 0: XLA flushes them to 0
+            raise argparse.ArgumentTypeError(
+                f"{name} {text!r} is too small for float32 (it would be computed as 0); use 0 "
+                f"or a value >= {_FLOAT32_TINY:.4g}"
             )
         return value
 

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from pnjax import algorithm
-from pnjax._checks import check_score_fn
+from pnjax._checks import check_driver_args, check_score_fn
 from pnjax.config import make_config
 from pnjax.drivers import choose_loop, python_loop_run, resolve_loop
 from pnjax.drivers import default_jit as _default_jit
@@ -99,7 +99,9 @@ def persistent_fit(
       loss_fn: ``loss_fn(params) -> scalar`` (full batch) or ``loss_fn(params, batch)`` (with
         ``data``); with ``model_state``: ``loss_fn(params, state) -> (loss, new_state)`` or
         ``loss_fn(params, state, batch) -> (loss, new_state)``.
-      optimizer: any Optax transformation; re-initialized for every run.
+      optimizer: any Optax transformation; re-initialized for every run. One whose update
+        takes ``value``/``grad``/``value_fn`` (``optax.lbfgs``) gets them for ``L + P``; see
+        ``docs/own_loop.md``.
       iterations: N, the number of persistent runs after the plain run.
       lam: λ >= 0.
       steps: updates per run (full-batch form).
@@ -156,10 +158,14 @@ def persistent_fit(
         ``checkpoint_dir`` holding a run of a different configuration, or a ``loss_fn`` whose
         output does not fit ``model_state`` (a ``(loss, state)`` pair shaped like
         ``model_state`` with it, a scalar without it).
+      TypeError: a ``loss_fn`` that cannot be called as the driver calls it, an optimizer that
+        is not a transformation (``optax.adam`` uncalled), a ``jit`` that is not callable.
 
     References:
       Min, *Persistent Neurons*, arXiv:2007.01419, Algorithm 1.
     """
+    check_driver_args(loss_fn, optimizer, data=data, model_state=model_state, jit=jit,
+                      params=init_params)  # fmt: skip
     cfg = make_config(
         iterations=iterations, lam=lam, steps=steps, data=data, batch_size=batch_size,
         epochs=epochs, shuffle=shuffle, layer_draw=layer_draw, capacity=capacity,

@@ -19,11 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pnjax._checks import int_layer_mask
 from pnjax.anchors import AnchorBank, accumulation_dtype
 from pnjax.layers import layer_layout, layer_mask
 
 PyTree = Any
-Layers = None | str | Sequence[str] | jax.Array
+Layers = None | int | str | Sequence[str] | jax.Array
 
 
 def check_lam(lam: Any) -> None:
@@ -48,7 +49,8 @@ def check_lam(lam: Any) -> None:
 
 
 def _selection(bank: AnchorBank, layers: Layers) -> jax.Array:
-    return layer_mask(bank.names, layers)
+    index = int_layer_mask(bank.names, layers)  # layers=2 reads as in the drivers
+    return layer_mask(bank.names, layers) if index is None else index
 
 
 def layer_dots(params: PyTree, bank: AnchorBank) -> jax.Array:
@@ -135,7 +137,8 @@ def persistent_penalty(
       bank: the converged solutions Θ_k.
       lam: λ >= 0 (a Python number or a scalar array; traced values are allowed).
       layers: ``None`` for every layer (Eq. 4), a layer name or names (Eq. 5 with one name),
-        or a ``[num_layers]`` mask array (for a layer chosen at run time).
+        a layer index (``-1``: every layer) or a ``[num_layers]`` mask array (for a layer
+        chosen at run time).
 
     Returns:
       A scalar in the params' (promoted) dtype; float32 when every leaf is an integer or bool.

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pnjax._checks import check_data
+from pnjax._checks import check_data, check_loss_signature, check_optimizer
 from pnjax.anchors import AnchorBank
 from pnjax.penalty import _gradient_unchecked, persistent_penalty
 
@@ -214,6 +214,38 @@ def internal_loss(
 # ----------------------------------------------------------------------------- one run
 
 
+def _no_float0(grad: Any, param: Any) -> Any:
+    """A zero gradient in the param's dtype for an integer or bool leaf (``float0`` from
+    ``jax.grad(..., allow_int=True)``)."""
+    if grad.dtype == jax.dtypes.float0:
+        return jnp.zeros_like(param)
+    return grad
+
+
+def _trained(
+    optimizer: optax.GradientTransformation, params: PyTree
+) -> optax.GradientTransformation:
+    """``optimizer`` itself, or ``optax.masked`` to the floating leaves when some leaves of
+    ``params`` are integers or bools (a step counter in the param tree): those pass through
+    with their zero gradient, so they keep their value."""
+    trained = jax.tree_util.tree_map(
+        lambda p: bool(jnp.issubdtype(jnp.result_type(p), jnp.inexact)), params
+    )
+    if all(jax.tree_util.tree_leaves(trained)):
+        return optimizer
+    return optax.masked(optimizer, trained, mask_compatible_extra_args=True)
+
+
+def _unmasked(p: PyTree, params: PyTree) -> PyTree:
+    """``p`` with the leaves ``optax.masked`` left out (``MaskedNode``) taken from ``params``."""
+    return jax.tree_util.tree_map(
+        lambda new, old: old if isinstance(new, optax.MaskedNode) else new,
+        p,
+        params,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+    )
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class TrainRun:
     """One training run of one chain (see the module docstring), as pure pieces.
@@ -248,18 +280,38 @@ class TrainRun:
 
     def start(self, params0: PyTree, model_state0: PyTree = ()) -> TrainCarry:
         """The carry at step 0: a fresh optimizer state."""
-        return TrainCarry(params0, self.optimizer.init(params0), model_state0)
+        return TrainCarry(params0, _trained(self.optimizer, params0).init(params0), model_state0)
 
     def step(self, carry: TrainCarry, batch: PyTree, pen: Penalty) -> tuple[TrainCarry, Any]:
-        """One update on ``L + P``; returns the new carry and the loss before the update."""
+        """One update on ``L + P``; returns the new carry and the loss before the update.
+
+        Integer and bool leaves of the params are not trained (zero gradient, left out of the
+        optimizer with ``optax.masked``). An optimizer whose ``update`` takes extra arguments
+        (``optax.GradientTransformationExtraArgs``: ``optax.lbfgs``,
+        ``optax.contrib.reduce_on_plateau``) gets ``value=L + P`` at the params, ``grad=`` the
+        gradient of ``L + P`` and ``value_fn=`` ``θ ↦ L(θ) + P(θ)`` on the same batch and state.
+        """
         params, opt_state, model_state = carry
-        (loss, model_state), grads = jax.value_and_grad(self.loss, has_aux=True)(
+        (loss, new_state), grads = jax.value_and_grad(self.loss, has_aux=True, allow_int=True)(
             params, model_state, batch
         )
+        grads = jax.tree_util.tree_map(_no_float0, grads, params)
         bias = _gradient_unchecked(params, *pen)
         grads = jax.tree_util.tree_map(lambda g, b: g + b.astype(g.dtype), grads, bias)
-        updates, opt_state = self.optimizer.update(grads, opt_state, params)
-        return TrainCarry(optax.apply_updates(params, updates), opt_state, model_state), loss
+        tx = _trained(self.optimizer, params)
+        extra: dict[str, Any] = {}
+        if isinstance(tx, optax.GradientTransformationExtraArgs):
+            # unused by most optimizers, and then removed by XLA as dead code
+
+            def objective(p: PyTree) -> jax.Array:
+                p = _unmasked(p, params)  # integer leaves, left out by optax.masked
+                value = self.loss(p, model_state, batch)[0]
+                return jnp.asarray(value, jnp.float32) + persistent_penalty(p, *pen)
+
+            value = jnp.asarray(loss, jnp.float32) + persistent_penalty(params, *pen)
+            extra = {"value": value, "grad": grads, "value_fn": objective}
+        updates, opt_state = tx.update(grads, opt_state, params, **extra)
+        return TrainCarry(optax.apply_updates(params, updates), opt_state, new_state), loss
 
     def batch(self, data: PyTree, perm: jax.Array, b: Any) -> PyTree:
         """Batch ``b`` of an epoch whose example order is ``perm`` (the gather, written once)."""
@@ -417,7 +469,7 @@ def make_train_run(
 
     Args:
       loss_fn: the training loss.
-      optimizer: any Optax transformation.
+      optimizer: any Optax transformation (see :meth:`TrainRun.step` for extra arguments).
       steps: number of full-batch updates.
       score_fn: ``score_fn(params) -> scalar`` (``score_fn(params, state)`` with
         ``has_state``), lower is better. Defaults to the loss (over the whole ``data`` in the
@@ -435,6 +487,8 @@ def make_train_run(
         ``loss_fn`` whose output does not fit ``has_state`` (a pair without ``has_state``; not
         a ``(loss, state)`` pair shaped like ``state0`` with it).
     """
+    check_optimizer(optimizer)
+    check_loss_signature(loss_fn, has_state=has_state, minibatch=data is not None)
     iteration = make_iteration(
         steps=steps, data=data, batch_size=batch_size, epochs=epochs, log_every=log_every
     )

@@ -82,7 +82,7 @@ def persistent_bias(
     Args:
       bank: the anchors Θ_k; it is stored in the state at ``init``.
       lam: λ >= 0; a number, an array, or (through ``optax.inject_hyperparams``) a schedule.
-      layers: ``None`` for every layer (Eq. 4), a name or names (Eq. 5), or a
+      layers: ``None`` for every layer (Eq. 4), a name or names (Eq. 5), a layer index, or a
         ``[num_layers]`` mask.
 
     Returns:
