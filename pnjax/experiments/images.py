@@ -307,13 +307,18 @@ def run_method(
     mode: str,
     checkpoint_dir: Path,
     say: Callable[[str], None] = lambda s: None,
-) -> dict[str, Any]:
+    with_fit: bool = False,
+) -> Any:
     """Trains one seed with one method; returns its JSON-ready record.
+
+    Rerun on a finished checkpoint folder, it trains nothing: every iteration is restored.
 
     Returns:
       ``{'seed', 'method', 'champion_iteration', 'history': [{'iteration', 'val_acc',
       'test_acc', 'loss', 'layer', 'seconds'}, ...]}`` (accuracies as fractions, ``seconds`` the
-      wall time of that iteration's run and evaluation).
+      wall time of that iteration's run and evaluation); with ``with_fit=True`` the pair
+      ``(entry, fits)``, ``fits`` the list of :class:`pnjax.FitResult` of the method's
+      ``persistent_fit`` calls (one, or one per restart).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}.")
@@ -393,12 +398,14 @@ def run_method(
         )
 
     params0, state0 = problem.init(init_key)
+    fits: list[Any] = []
     if method == "restarts":
         champ, best = -1, -math.inf
         for r in range(total):
             p, s = (params0, state0) if r == 0 else problem.init(jax.random.fold_in(init_key, r))
             res = fit(p, s, key=data_key, folder=checkpoint_dir / f"restart-{r:03d}",
                       iterations=0, lam=0.0, tag=lambda n, r=r: str(r))  # fmt: skip
+            fits.append(res)
             rows[-1]["layer"] = "none"
             if res.champion_iteration == 0 and rows[-1]["val_acc"] > best:
                 champ, best = r, rows[-1]["val_acc"]
@@ -412,15 +419,17 @@ def run_method(
             kw["anchor_fn"] = random_direction_anchor
         res = fit(params0, state0, key=data_key, folder=checkpoint_dir / "fit",
                   iterations=proto.iterations, lam=lam, tag=str, **kw)  # fmt: skip
+        fits.append(res)
         for n, row in enumerate(rows):
             row["layer"] = _layer_name(res, n) if method != "reshuffle" else "none"
         champion_iteration = int(res.champion_iteration)
-    return {
+    entry = {
         "seed": seed,
         "method": method,
         "champion_iteration": champion_iteration,
         "history": rows,
     }
+    return (entry, fits) if with_fit else entry
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
