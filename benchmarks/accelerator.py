@@ -60,6 +60,7 @@ PHASES = (
     "kink_chains",
     "lenet5_chains",
     "penalty_overhead",
+    "penalty_overhead_resnet18",
     "step_time_lenet5",
     "step_time_lenet5_fast_pool",
     "step_time_resnet18",
@@ -266,42 +267,133 @@ def step_time(
     }
 
 
-def penalty_overhead(batch: int, reps: int, fast_pool: bool, k: int = 20) -> dict[str, Any]:
-    """LeNet-5 SGD step with the Eq. 6 bias of ``k`` anchors vs the same step without it."""
-    loss_fn, init = lenet_problem(batch, fast_pool)
-    params = init(jax.random.key(0))
+def flat_bias(
+    params: Any, bank: pnjax.AnchorBank
+) -> tuple[Callable[..., Any], jax.Array, jax.Array]:
+    """An alternative formulation of the Eq. 6 bias, for comparison only: the bank flattened
+    once to ``[K, P]`` and the bias computed over the flat parameter vector (a segment sum for
+    the per-layer dots, one gather-multiply-sum for the bias) instead of two small einsums per
+    leaf. Returns ``bias(params, anchors_flat, inv_sq, lam)`` and ``anchors_flat``."""
+    from pnjax.layers import layer_layout
+    from pnjax.penalty import _inverse_sq_norms
+
+    layout = layer_layout(params)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    sizes = [int(np.size(x)) for x in leaves]
+    seg = jnp.asarray(np.repeat(np.asarray(layout.leaf_layer), sizes))
+    anchors_flat = jnp.concatenate(
+        [a.reshape(bank.capacity, -1) for a in jax.tree_util.tree_leaves(bank.anchors)], axis=1
+    )
+    num_layers = layout.num_layers
+
+    def bias(p: Any, a: jax.Array, inv_sq: jax.Array, lam: float) -> Any:
+        flat = jnp.concatenate([x.reshape(-1) for x in jax.tree_util.tree_leaves(p)])
+        dots = jax.ops.segment_sum((a * flat).T, seg, num_segments=num_layers)  # [L, K]
+        coef = lam * jnp.sign(dots.T) * inv_sq  # [K, L]
+        g = jnp.sum(coef[:, seg] * a, axis=0)  # [P]
+        parts = jnp.split(g, np.cumsum(sizes)[:-1])
+        return jax.tree_util.tree_unflatten(
+            treedef, [q.reshape(np.shape(x)) for q, x in zip(parts, leaves, strict=True)]
+        )
+
+    return bias, anchors_flat, _inverse_sq_norms(bank)
+
+
+def penalty_overhead(
+    batch: int, reps: int, fast_pool: bool, k: int = 20, model: str = "lenet5", small: bool = False
+) -> dict[str, Any]:
+    """SGD step with the Eq. 6 bias of ``k`` anchors vs the same step without it.
+
+    ``model``: ``lenet5`` (on the problem of :func:`lenet_problem`) or ``resnet18`` (batch
+    statistics in training mode). Three steps, alternated, best median of each: plain;
+    ``optax.chain(pnjax.persistent_bias(bank, λ), sgd)``; and, for comparison only, the same
+    bias through :func:`flat_bias` (checked equal to the transform's before timing).
+    """
+    if model == "lenet5":
+        loss_only, init = lenet_problem(batch, fast_pool)
+        params = init(jax.random.key(0))
+        stats: Any = {}
+
+        def loss_fn(p: Any, s: Any) -> tuple[jax.Array, Any]:
+            return loss_only(p), s
+    else:
+        rng = np.random.RandomState(0)
+        side = 16 if small else 32
+        x = jnp.asarray(rng.randn(batch, side, side, 3).astype(np.float32))
+        y = jnp.asarray(rng.randint(0, 10, batch))
+        net = ResNet18(stage_sizes=(1, 1, 1, 1)) if small else ResNet18()
+        variables = net.init(jax.random.key(0), x[:2], train=False)
+        params, stats = variables["params"], variables["batch_stats"]
+
+        def loss_fn(p: Any, s: Any) -> tuple[jax.Array, Any]:
+            logits, upd = net.apply(
+                {"params": p, "batch_stats": s}, x, train=True, mutable=["batch_stats"]
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, upd["batch_stats"]
+
+        @jax.jit
+        def init(key: jax.Array) -> Any:
+            return net.init(key, x[:2], train=False)["params"]
+
     bank = pnjax.AnchorBank.create(params, k)
     for i in range(k):
         bank = bank.push(init(jax.random.key(100 + i)))
     sgd = optax.sgd(LR, momentum=MOM)
+    bias, anchors_flat, inv_sq = flat_bias(params, bank)
 
     @_compile.jit
-    def plain(p: Any, o: Any) -> Any:
-        g = jax.grad(loss_fn)(p)
+    def plain(p: Any, s: Any, o: Any) -> Any:
+        (_, s), g = jax.value_and_grad(loss_fn, has_aux=True)(p, s)
         u, o = sgd.update(g, o, p)
-        return optax.apply_updates(p, u), o
+        return optax.apply_updates(p, u), s, o
 
     @_compile.jit
-    def penalized(p: Any, o: Any, bank: pnjax.AnchorBank) -> Any:
+    def penalized(p: Any, s: Any, o: Any, bank: pnjax.AnchorBank) -> Any:
         tx = optax.chain(pnjax.persistent_bias(bank, LAM), sgd)
-        g = jax.grad(loss_fn)(p)
+        (_, s), g = jax.value_and_grad(loss_fn, has_aux=True)(p, s)
         u, o = tx.update(g, o, p)
-        return optax.apply_updates(p, u), o
+        return optax.apply_updates(p, u), s, o
+
+    @_compile.jit
+    def flat(p: Any, s: Any, o: Any, a: jax.Array, inv: jax.Array) -> Any:
+        (_, s), g = jax.value_and_grad(loss_fn, has_aux=True)(p, s)
+        g = jax.tree_util.tree_map(jnp.add, g, bias(p, a, inv, LAM))
+        u, o = sgd.update(g, o, p)
+        return optax.apply_updates(p, u), s, o
 
     tx0 = optax.chain(pnjax.persistent_bias(bank, LAM), sgd)
     o_plain, o_pen = sgd.init(params), tx0.init(params)
-    t_plain = t_pen = 0.0
+    ref = tx0.update(jax.tree_util.tree_map(jnp.zeros_like, params), o_pen, params)[0]
+    alt = jax.tree_util.tree_map(
+        lambda b: -LR * b, jax.jit(bias)(params, anchors_flat, inv_sq, LAM)
+    )
+    err = max(
+        float(jnp.max(jnp.abs(r - q)) / (jnp.max(jnp.abs(r)) + 1e-30))
+        for r, q in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(alt), strict=True)
+    )
+    best = {"plain": 0.0, "penalized": 0.0, "flat": 0.0}
+    calls = {
+        "plain": lambda: plain(params, stats, o_plain),
+        "penalized": lambda: penalized(params, stats, o_pen, bank),
+        "flat": lambda: flat(params, stats, o_plain, anchors_flat, inv_sq),
+    }
     for _ in range(2 if reps < 5 else 3):  # alternate, keep the best median of each
-        a = _median_time(lambda: plain(params, o_plain), reps)
-        b = _median_time(lambda: penalized(params, o_pen, bank), reps)
-        t_plain = a if t_plain == 0 else min(t_plain, a)
-        t_pen = b if t_pen == 0 else min(t_pen, b)
+        for name, fn in calls.items():
+            t = _median_time(fn, reps)
+            best[name] = t if best[name] == 0 else min(best[name], t)
     return {
+        "model": model,
         "K": k,
         "batch": batch,
-        "plain_step_ms": t_plain * 1e3,
-        "penalized_step_ms": t_pen * 1e3,
-        "overhead": t_pen / t_plain - 1,
+        "params": int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params))),
+        "leaves": len(jax.tree_util.tree_leaves(params)),
+        "plain_step_ms": best["plain"] * 1e3,
+        "penalized_step_ms": best["penalized"] * 1e3,
+        "overhead": best["penalized"] / best["plain"] - 1,
+        "flat_step_ms": best["flat"] * 1e3,
+        "flat_overhead": best["flat"] / best["plain"] - 1,
+        "flat_max_rel_diff": err,
     }
 
 
@@ -364,11 +456,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     phases: dict[str, float] = {}
     out["phase_s"] = phases
 
-    def run_phase(name: str, fn: Callable[[], Any]) -> Any:
-        """Runs one phase; an error is recorded and the next phase runs. Writes the JSON after
-        each phase, so a run cut short keeps what it measured."""
+    def run_phase(
+        name: str, fn: Callable[[], Any], into: dict[str, Any] | None = None, key: str = ""
+    ) -> None:
+        """Runs one phase and stores its result in ``into[key]`` (default ``out[name]``); an
+        error is recorded and the next phase runs. Writes the JSON after each phase, so a run
+        cut short keeps what it measured."""
+        into, key = (out, name) if into is None else (into, key)
+        into[key] = None
         if name not in chosen:
-            return None
+            return
         print(name, flush=True)
         start = time.perf_counter()
         try:
@@ -379,13 +476,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             traceback.print_exc()
             out["errors"][name] = f"{type(e).__name__}: {e}"[:2000]
             result = None
+        into[key] = result
         phases[name] = time.perf_counter() - start
         out["wall_s"] = time.perf_counter() - t0
         path.write_text(json.dumps(out, indent=1))
-        return result
 
     # budget shares: kink 35%, LeNet chains 35%, the rest for step times and the penalty
-    out["kink_chains"] = run_phase(
+    run_phase(
         "kink_chains",
         lambda: chains_sweep(
             kink_problem(use_fast_dots=on_cpu),
@@ -395,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             t0 + 0.35 * budget,
         ),
     )
-    out["lenet5_chains"] = run_phase(
+    run_phase(
         "lenet5_chains",
         lambda: chains_sweep(
             lenet_problem(cfg["lenet_batch"], fast_pool=on_cpu),
@@ -405,9 +502,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             t0 + 0.7 * budget,
         ),
     )
-    out["penalty_overhead"] = run_phase(
+    run_phase(
         "penalty_overhead",
         lambda: penalty_overhead(cfg["step_batch"], cfg["step_reps"], fast_pool=on_cpu),
+    )
+    run_phase(
+        "penalty_overhead_resnet18",
+        lambda: penalty_overhead(
+            cfg["step_batch"],
+            cfg["step_reps"],
+            fast_pool=on_cpu,
+            model="resnet18",
+            small=cfg["resnet"] == "small",
+        ),
     )
     out["step_time"] = {}
     for name, kw in (
@@ -416,9 +523,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ("resnet18", {"small": cfg["resnet"] == "small"}),
     ):
         model = name.split("_")[0]
-        out["step_time"][name] = run_phase(
+        run_phase(
             f"step_time_{name}",
             lambda model=model, kw=kw: step_time(model, cfg["step_batch"], cfg["step_reps"], **kw),
+            into=out["step_time"],
+            key=name,
         )
     out["wall_s"] = time.perf_counter() - t0
     path.write_text(json.dumps(out, indent=1))
