@@ -76,6 +76,7 @@ FULL = {
     "step_batch": 128,
     "step_reps": 30,
     "resnet": "full",
+    "resnet_penalty_k": 20,
 }
 QUICK = {  # a smoke test of every code path; its figures mean nothing
     "kink_chains": [1],
@@ -86,6 +87,7 @@ QUICK = {  # a smoke test of every code path; its figures mean nothing
     "step_batch": 2,
     "step_reps": 2,
     "resnet": "small",
+    "resnet_penalty_k": 2,
 }
 
 
@@ -512,6 +514,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             cfg["step_batch"],
             cfg["step_reps"],
             fast_pool=on_cpu,
+            k=cfg["resnet_penalty_k"],
             model="resnet18",
             small=cfg["resnet"] == "small",
         ),

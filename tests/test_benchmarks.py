@@ -38,3 +38,6 @@ def test_accelerator_quick_writes_every_section(tmp_path: Path) -> None:
     pen = res["penalty_overhead"]
     assert pen["K"] == 20 and pen["plain_step_ms"] > 0 and pen["penalized_step_ms"] > 0
     assert pen["overhead"] == pytest.approx(pen["penalized_step_ms"] / pen["plain_step_ms"] - 1)
+    res = res["penalty_overhead_resnet18"]
+    assert res["model"] == "resnet18" and res["penalized_step_ms"] > 0
+    assert res["flat_max_rel_diff"] < 1e-3  # the comparison formulation computes the same bias
