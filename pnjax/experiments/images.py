@@ -434,7 +434,8 @@ def run_method(
 
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per method: mean and standard error over seeds of the plain and champion test accuracy
-    and of the gain (champion - plain, paired by seed)."""
+    and of the gain (champion - plain, paired by seed); the standard error is ``None`` for a
+    single seed."""
     out: dict[str, Any] = {}
     for method in dict.fromkeys(r["method"] for r in runs):
         rs = [r for r in runs if r["method"] == method and r["champion_iteration"] >= 0]
@@ -443,8 +444,9 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         plain = np.array([r["history"][0]["test_acc"] for r in rs])
         champ = np.array([r["history"][r["champion_iteration"]]["test_acc"] for r in rs])
 
-        def ms(a: np.ndarray) -> dict[str, float]:
-            se = float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else float("nan")
+        def ms(a: np.ndarray) -> dict[str, float | None]:
+            # one seed has no standard error: None (JSON null), never NaN
+            se = float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else None
             return {"mean": float(a.mean()), "se": se}
 
         out[method] = {

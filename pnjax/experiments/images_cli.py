@@ -117,7 +117,8 @@ def run_images_command(args: argparse.Namespace, say: Any) -> int:
     for method, s in results["summary"].items():
 
         def f(d: dict[str, float]) -> str:
-            return f"{100 * d['mean']:.2f} ± {100 * d['se']:.2f}"
+            se = "n/a" if d["se"] is None else f"{100 * d['se']:.2f}"
+            return f"{100 * d['mean']:.2f} ± {se}"
 
         print(f"  {method:<16}{f(s['plain_test_acc']):>16}{f(s['champion_test_acc']):>16}"
               f"{f(s['gain']):>16}")  # fmt: skip
