@@ -95,6 +95,7 @@ def _summary(values: list[float]) -> dict[str, Any]:
         "values": v.tolist(),
         "median": float(np.median(v)),
         "mean": float(np.mean(v)),
+        "se": float(np.std(v, ddof=1) / np.sqrt(v.size)) if v.size > 1 else None,
         "min": float(np.min(v)),
         "max": float(np.max(v)),
     }
@@ -278,7 +279,7 @@ def run_kink(cfg: dict[str, Any], log, save) -> dict[str, Any]:
     T, N = cfg["steps"], cfg["iterations"]
     B = T * (N + 1)
     sets = []
-    for kw in KINK_CANDIDATES[: cfg["candidates"]]:
+    for kw in cfg["data"]:
         if len([s for s in sets if "methods" in s]) >= cfg["datasets"]:
             break
         setup = kink_setup(kw)
@@ -298,7 +299,8 @@ def run_kink(cfg: dict[str, Any], log, save) -> dict[str, Any]:
             entry["seeds"] = seeds
             entry["methods"] = kink_methods(setup, scr, seeds, cfg, jax.random.key(1))
             for m, v in entry["methods"].items():
-                log(f"  {m:20s} median {v['summary']['median']:.4f} "
+                log(f"  {m:20s} {v['summary']['mean']:.4f} ± {v['summary']['se']:.4f} "
+                    f"median {v['summary']['median']:.4f} "
                     f"[{v['summary']['min']:.4f}, {v['summary']['max']:.4f}] "
                     f"wall {v['wall_s'] if v['wall_s'] is None else round(v['wall_s'], 1)}")
         sets.append(entry)
@@ -357,8 +359,9 @@ def run_fmnist(cfg: dict[str, Any], log) -> dict[str, Any]:
     def record(name, champions, wall, **extra):
         acc = [1.0 - float(err(_unstack(champions, c), xt, yt)) for c in range(C)]
         out[name] = {"test_acc": acc, "wall_s": wall, "summary": _summary(acc), **extra}
-        log(f"  {name:20s} test acc median {np.median(acc):.4f} [{min(acc):.4f}, {max(acc):.4f}]"
-            f" wall {wall:.0f} s")
+        sm = out[name]["summary"]
+        log(f"  {name:20s} test acc {sm['mean']:.4f} ± {sm['se']:.4f} [{min(acc):.4f}, "
+            f"{max(acc):.4f}] wall {wall:.0f} s")
 
     def chains(init, **kw):
         return pnjax.run_chains(init, loss_fn, opt, score_fn=score_fn, key=jax.random.split(
@@ -474,9 +477,33 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller budgets (same code)")
     ap.add_argument("--only", choices=["kink", "fmnist"], default=None)
     ap.add_argument("--out", default=str(RESULTS / "shootout.json"))
+    ap.add_argument("--kink-data", nargs="+", default=None, metavar="JSON",
+                    help="make_kink_data keyword arguments (one JSON object per data set) to "
+                    "screen in this order instead of the built-in candidates")
+    ap.add_argument("--datasets", type=int, default=3,
+                    help="kink data sets to run the methods on (the first that pass screening)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="combine --only kink / --only fmnist results (kink data sets in the "
+                    "order given) into --out (+ PNG)")
     args = ap.parse_args()
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        merged: dict[str, Any] = {"commands": [q["command"] for q in parts],
+                                  "total_wall_s": [q.get("total_wall_s") for q in parts],
+                                  "environment": parts[-1].get("environment")}
+        for q in parts:
+            if "kink" in q:
+                k = merged.setdefault("kink", {**q["kink"], "datasets": []})
+                k["datasets"] += q["kink"]["datasets"]
+                merged["kink_config"] = q["kink_config"]
+            if "fmnist" in q:
+                merged["fmnist"], merged["fmnist_config"] = q["fmnist"], q["fmnist_config"]
+        Path(args.out).write_text(json.dumps(merged, indent=1, default=float))
+        plot(merged, Path(args.out).with_suffix(".png"))
+        return
+    data = [json.loads(t) for t in args.kink_data] if args.kink_data else KINK_CANDIDATES
     kink_cfg = {"steps": 3000, "iterations": 4, "lam": 0.01, "seeds": 5, "screen": 100,
-                "candidates": len(KINK_CANDIDATES), "datasets": 3, "anls_sweeps": 20}
+                "data": data, "datasets": args.datasets, "anls_sweeps": 20}
     fm_cfg = {"n_train": 6000, "n_val": 2000, "epochs": 2, "iterations": 2, "batch": 128,
               "seeds": 5, "hidden": 64, "lam": 0.001, "split_examples": 2000}
     if args.quick:
@@ -489,7 +516,10 @@ def main() -> None:
 
     result: dict[str, Any] = {
         "command": "python benchmarks/shootout.py" + (" --quick" if args.quick else "")
-        + (f" --only {args.only}" if args.only else ""),
+        + (f" --only {args.only}" if args.only else "")
+        + (" --kink-data " + " ".join(f"'{t}'" for t in args.kink_data) if args.kink_data
+           else "") + (f" --datasets {args.datasets}" if args.datasets != 3 else "")
+        + (f" --out {args.out}" if args.out != str(RESULTS / "shootout.json") else ""),
         "kink_config": kink_cfg,
         "fmnist_config": fm_cfg,
     }
