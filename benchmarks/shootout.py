@@ -28,14 +28,24 @@ Every method gets the same budget of gradient steps per seed, ``B = (N + 1) T`` 
   after each of the first segments the neurons with the most negative predicted change are
   split (30% of the hidden neurons, the last split taking what is left to reach the full
   width), the optimizer is reset; ``N + 1`` segments in all. The splitting matrices cost one
-  pass over the data per split (not counted as steps). On Fashion-MNIST each split also
-  eigendecomposes one 785 x 785 matrix per first-layer neuron: minutes per split on a 2-core
-  CPU (the 2026-11-30 quick run was stopped there).
+  pass over the data per split (not counted as steps); their extreme eigenpairs come from
+  ``pnjax.baselines.extreme_eigenpairs`` (LOBPCG for the 785 x 785 first-layer matrices of
+  Fashion-MNIST, dense ``eigh`` for the small ones).
+
+The kink data sets (``--kink-data``, default ``KINK_CANDIDATES``) were chosen with
+``benchmarks/kink_screen.py`` so that their best-of-100 plain loss spans 0.006 to 0.3 with at
+least 80% of the seeds stuck (``docs/choosing.md``).
 
 Usage::
 
-    nice python benchmarks/shootout.py            # full protocol
+    nice python benchmarks/shootout.py            # full protocol, everything in one process
     nice python benchmarks/shootout.py --quick    # smaller budgets, same code
+    # the committed full run: one process per kink data set and one for Fashion-MNIST, merged
+    nice python benchmarks/shootout.py --only kink --datasets 1 --kink-data '{}' \
+        --out benchmarks/results/shootout_kink_a.json
+    nice python benchmarks/shootout.py --only fmnist --out benchmarks/results/shootout_fmnist.json
+    python benchmarks/shootout.py --merge benchmarks/results/shootout_kink_{a,b,c}.json \
+        benchmarks/results/shootout_fmnist.json --out benchmarks/results/shootout.json
 """
 
 from __future__ import annotations
@@ -74,10 +84,9 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 # candidate kink data sets, screened in this order (make_kink_data keyword arguments)
 KINK_CANDIDATES: list[dict[str, Any]] = [
     {},
-    {"gap": 2.0, "frequency": 4.0},
-    {"gap": 1.5},
-    {"gap": 2.0},
-    {"gap": 1.5, "frequency": 3.0},
+    {"noise": 0.3, "gap": 1.5},
+    {"noise": 0.8, "gap": 2.25},
+    {"noise": 0.6, "gap": 2.0},
 ]
 
 
