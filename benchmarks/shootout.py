@@ -65,8 +65,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import pnjax
-from pnjax.baselines import (
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's pnjax
+import pnjax  # noqa: E402
+from pnjax.baselines import (  # noqa: E402
     anls,
     hidden_widths,
     mlp_apply,
@@ -74,9 +75,9 @@ from pnjax.baselines import (
     split_neurons,
     splitting_matrices,
 )
-from pnjax.data import affine_check_grid, is_stuck, make_kink_data, two_piece_affine_loss
-from pnjax.experiments.kink import random_direction_anchor, scale_first_layer
-from pnjax.models import KinkMLP
+from pnjax.data import affine_check_grid, is_stuck, make_kink_data, two_piece_affine_loss  # noqa: E402
+from pnjax.experiments.kink import random_direction_anchor, scale_first_layer  # noqa: E402
+from pnjax.models import KinkMLP  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -343,7 +344,7 @@ def fmnist_data(n_train: int, n_val: int) -> dict[str, np.ndarray]:
     }
 
 
-def run_fmnist(cfg: dict[str, Any], log) -> dict[str, Any]:
+def run_fmnist(cfg: dict[str, Any], log, save=lambda part: None) -> dict[str, Any]:
     d = fmnist_data(cfg["n_train"], cfg["n_val"])
     x, y = jnp.asarray(d["x"]), jnp.asarray(d["y"])
     xv, yv, xt, yt = (jnp.asarray(d[k]) for k in ("xv", "yv", "xt", "yt"))
@@ -371,6 +372,7 @@ def run_fmnist(cfg: dict[str, Any], log) -> dict[str, Any]:
         sm = out[name]["summary"]
         log(f"  {name:20s} test acc {sm['mean']:.4f} ± {sm['se']:.4f} [{min(acc):.4f}, "
             f"{max(acc):.4f}] wall {wall:.0f} s")
+        save({"methods": out})
 
     def chains(init, **kw):
         return pnjax.run_chains(init, loss_fn, opt, score_fn=score_fn, key=jax.random.split(
@@ -481,6 +483,38 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown_tables(result: dict[str, Any]) -> str:
+    """The result's tables in Markdown: mean ± standard error [min, max], wall seconds."""
+
+    def cell(sm, fmt):
+        se = "" if sm.get("se") is None else f" ± {sm['se']:{fmt}}"
+        return f"{sm['mean']:{fmt}}{se} [{sm['min']:{fmt}}, {sm['max']:{fmt}}]"
+
+    def wall(v):
+        return "" if v.get("wall_s") is None else f"{v['wall_s']:.0f}"
+
+    lines = []
+    sets = [s for s in result.get("kink", {}).get("datasets", []) if "methods" in s]
+    if sets:
+        best = [k for k in sets[0] if k.startswith("best_of")][0]
+        lines += ["| data set | two-piece loss | " + best.replace("_", " ") + " | stuck |",
+                  "|---|---|---|---|"]
+        lines += [f"| `{json.dumps(s['data_kwargs'])}` | {s['two_piece_affine_loss']:.3f} | "
+                  f"{s[best]:.4f} | {s['stuck_fraction']:.0%} |" for s in sets]
+        lines += ["", "| method | " + " | ".join(
+            f"`{json.dumps(s['data_kwargs'])}` loss (wall s)" for s in sets) + " |",
+            "|---|" + "---|" * len(sets)]
+        for m in sets[0]["methods"]:
+            lines.append(f"| {m} | " + " | ".join(
+                f"{cell(s['methods'][m]['summary'], '.4g')} ({wall(s['methods'][m])})"
+                for s in sets) + " |")
+    if "fmnist" in result:
+        lines += ["", "| method | test accuracy | wall s |", "|---|---|---|"]
+        for m, v in result["fmnist"]["methods"].items():
+            lines.append(f"| {m} | {cell(v['summary'], '.4f')} | {wall(v)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller budgets (same code)")
@@ -494,7 +528,12 @@ def main() -> None:
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="combine --only kink / --only fmnist results (kink data sets in the "
                     "order given) into --out (+ PNG)")
+    ap.add_argument("--table", default=None, metavar="JSON",
+                    help="print the tables of a result file in Markdown and exit")
     args = ap.parse_args()
+    if args.table:
+        print(markdown_tables(json.loads(Path(args.table).read_text())))
+        return
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
         merged: dict[str, Any] = {"commands": [q["command"] for q in parts],
@@ -542,7 +581,7 @@ def main() -> None:
         result["kink"] = run_kink(kink_cfg, log, lambda part: save({**result, "kink": part}))
         save(result)
     if args.only in (None, "fmnist"):
-        result["fmnist"] = run_fmnist(fm_cfg, log)
+        result["fmnist"] = run_fmnist(fm_cfg, log, lambda part: save({**result, "fmnist": part}))
     result["total_wall_s"] = time.time() - t0
     result["environment"] = {
         "pnjax": pnjax.__version__, "jax": jax.__version__, "optax": optax.__version__,
