@@ -100,9 +100,15 @@ def _unstack(tree: Any, i: int) -> Any:
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
-    v = np.asarray(values, np.float64)
+    """Statistics over the finite values (a diverged run counts in ``nonfinite`` only)."""
+    a = np.asarray(values, np.float64)
+    v = a[np.isfinite(a)]
+    if v.size == 0:
+        return {"values": a.tolist(), "nonfinite": int(a.size), "median": None, "mean": None,
+                "se": None, "min": None, "max": None}
     return {
-        "values": v.tolist(),
+        "values": a.tolist(),
+        "nonfinite": int(a.size - v.size),
         "median": float(np.median(v)),
         "mean": float(np.mean(v)),
         "se": float(np.std(v, ddof=1) / np.sqrt(v.size)) if v.size > 1 else None,
@@ -487,8 +493,11 @@ def markdown_tables(result: dict[str, Any]) -> str:
     """The result's tables in Markdown: mean ± standard error [min, max], wall seconds."""
 
     def cell(sm, fmt):
+        if sm["mean"] is None:
+            return "all diverged"
         se = "" if sm.get("se") is None else f" ± {sm['se']:{fmt}}"
-        return f"{sm['mean']:{fmt}}{se} [{sm['min']:{fmt}}, {sm['max']:{fmt}}]"
+        bad = f", {sm['nonfinite']} diverged" if sm.get("nonfinite") else ""
+        return f"{sm['mean']:{fmt}}{se} [{sm['min']:{fmt}}, {sm['max']:{fmt}}{bad}]"
 
     def wall(v):
         return "" if v.get("wall_s") is None else f"{v['wall_s']:.0f}"
@@ -506,7 +515,7 @@ def markdown_tables(result: dict[str, Any]) -> str:
             "|---|" + "---|" * len(sets)]
         for m in sets[0]["methods"]:
             lines.append(f"| {m} | " + " | ".join(
-                f"{cell(s['methods'][m]['summary'], '.4g')} ({wall(s['methods'][m])})"
+                f"{cell(s['methods'][m]['summary'], '.3g')} ({wall(s['methods'][m])})"
                 for s in sets) + " |")
     if "fmnist" in result:
         lines += ["", "| method | test accuracy | wall s |", "|---|---|---|"]
@@ -546,6 +555,11 @@ def main() -> None:
                 merged["kink_config"] = q["kink_config"]
             if "fmnist" in q:
                 merged["fmnist"], merged["fmnist_config"] = q["fmnist"], q["fmnist_config"]
+        for s in merged.get("kink", {}).get("datasets", []):
+            for v in s.get("methods", {}).values():
+                v["summary"] = _summary(v["loss"])
+        for v in merged.get("fmnist", {}).get("methods", {}).values():
+            v["summary"] = _summary(v["test_acc"])
         Path(args.out).write_text(json.dumps(merged, indent=1, default=float))
         plot(merged, Path(args.out).with_suffix(".png"))
         return
