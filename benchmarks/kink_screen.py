@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's pnjax
 from shootout import kink_screen, kink_setup  # noqa: E402
 
 import pnjax  # noqa: E402

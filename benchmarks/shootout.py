@@ -500,7 +500,7 @@ def markdown_tables(result: dict[str, Any]) -> str:
         return f"{sm['mean']:{fmt}}{se} [{sm['min']:{fmt}}, {sm['max']:{fmt}}{bad}]"
 
     def wall(v):
-        return "" if v.get("wall_s") is None else f"{v['wall_s']:.0f}"
+        return "in the screening" if v.get("wall_s") is None else f"{v['wall_s']:.0f}"
 
     lines = []
     sets = [s for s in result.get("kink", {}).get("datasets", []) if "methods" in s]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -23,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import pnjax
-from pnjax.baselines import extreme_eigenpairs
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's pnjax
+import pnjax  # noqa: E402
+from pnjax.baselines import extreme_eigenpairs  # noqa: E402
 
 
 def _time(fn):
