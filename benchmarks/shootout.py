@@ -39,7 +39,7 @@ least 80% of the seeds stuck (``docs/choosing.md``).
 Usage::
 
     nice python benchmarks/shootout.py            # full protocol, everything in one process
-    nice python benchmarks/shootout.py --quick    # smaller budgets, same code
+    nice python benchmarks/shootout.py --quick    # smaller budgets, same code (shootout_quick.json)
     # the committed full run: one process per kink data set and one for Fashion-MNIST, merged
     nice python benchmarks/shootout.py --only kink --datasets 1 --kink-data '{}' \
         --out benchmarks/results/shootout_kink_a.json
@@ -528,7 +528,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller budgets (same code)")
     ap.add_argument("--only", choices=["kink", "fmnist"], default=None)
-    ap.add_argument("--out", default=str(RESULTS / "shootout.json"))
+    ap.add_argument("--out", default=None,
+                    help="result JSON (default: results/shootout.json, with --quick "
+                    "results/shootout_quick.json); the PNG goes beside it")
     ap.add_argument("--kink-data", nargs="+", default=None, metavar="JSON",
                     help="make_kink_data keyword arguments (one JSON object per data set) to "
                     "screen in this order instead of the built-in candidates")
@@ -540,6 +542,8 @@ def main() -> None:
     ap.add_argument("--table", default=None, metavar="JSON",
                     help="print the tables of a result file in Markdown and exit")
     args = ap.parse_args()
+    default_out = str(RESULTS / ("shootout_quick.json" if args.quick else "shootout.json"))
+    args.out = args.out or default_out
     if args.table:
         print(markdown_tables(json.loads(Path(args.table).read_text())))
         return
@@ -581,7 +585,7 @@ def main() -> None:
         + (f" --only {args.only}" if args.only else "")
         + (" --kink-data " + " ".join(f"'{t}'" for t in args.kink_data) if args.kink_data
            else "") + (f" --datasets {args.datasets}" if args.datasets != 3 else "")
-        + (f" --out {args.out}" if args.out != str(RESULTS / "shootout.json") else ""),
+        + (f" --out {args.out}" if args.out != default_out else ""),
         "kink_config": kink_cfg,
         "fmnist_config": fm_cfg,
     }
