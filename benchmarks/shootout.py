@@ -28,14 +28,24 @@ Every method gets the same budget of gradient steps per seed, ``B = (N + 1) T`` 
   after each of the first segments the neurons with the most negative predicted change are
   split (30% of the hidden neurons, the last split taking what is left to reach the full
   width), the optimizer is reset; ``N + 1`` segments in all. The splitting matrices cost one
-  pass over the data per split (not counted as steps). On Fashion-MNIST each split also
-  eigendecomposes one 785 x 785 matrix per first-layer neuron: minutes per split on a 2-core
-  CPU (the 2026-11-30 quick run was stopped there).
+  pass over the data per split (not counted as steps); their extreme eigenpairs come from
+  ``pnjax.baselines.extreme_eigenpairs`` (LOBPCG for the 785 x 785 first-layer matrices of
+  Fashion-MNIST, dense ``eigh`` for the small ones).
+
+The kink data sets (``--kink-data``, default ``KINK_CANDIDATES``) were chosen with
+``benchmarks/kink_screen.py`` so that their best-of-100 plain loss spans 0.006 to 0.3 with at
+least 80% of the seeds stuck (``docs/choosing.md``).
 
 Usage::
 
-    nice python benchmarks/shootout.py            # full protocol
-    nice python benchmarks/shootout.py --quick    # smaller budgets, same code
+    nice python benchmarks/shootout.py            # full protocol, everything in one process
+    nice python benchmarks/shootout.py --quick    # smaller budgets, same code (shootout_quick.json)
+    # the committed full run: one process per kink data set and one for Fashion-MNIST, merged
+    nice python benchmarks/shootout.py --only kink --datasets 1 --kink-data '{}' \
+        --out benchmarks/results/shootout_kink_a.json
+    nice python benchmarks/shootout.py --only fmnist --out benchmarks/results/shootout_fmnist.json
+    python benchmarks/shootout.py --merge benchmarks/results/shootout_kink_{a,b,c}.json \
+        benchmarks/results/shootout_fmnist.json --out benchmarks/results/shootout.json
 """
 
 from __future__ import annotations
@@ -55,8 +65,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import pnjax
-from pnjax.baselines import (
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's pnjax
+import pnjax  # noqa: E402
+from pnjax.baselines import (  # noqa: E402
     anls,
     hidden_widths,
     mlp_apply,
@@ -64,9 +75,9 @@ from pnjax.baselines import (
     split_neurons,
     splitting_matrices,
 )
-from pnjax.data import affine_check_grid, is_stuck, make_kink_data, two_piece_affine_loss
-from pnjax.experiments.kink import random_direction_anchor, scale_first_layer
-from pnjax.models import KinkMLP
+from pnjax.data import affine_check_grid, is_stuck, make_kink_data, two_piece_affine_loss  # noqa: E402
+from pnjax.experiments.kink import random_direction_anchor, scale_first_layer  # noqa: E402
+from pnjax.models import KinkMLP  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -74,10 +85,9 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 # candidate kink data sets, screened in this order (make_kink_data keyword arguments)
 KINK_CANDIDATES: list[dict[str, Any]] = [
     {},
-    {"gap": 2.0, "frequency": 4.0},
-    {"gap": 1.5},
-    {"gap": 2.0},
-    {"gap": 1.5, "frequency": 3.0},
+    {"noise": 0.3, "gap": 1.5},
+    {"noise": 0.8, "gap": 2.25},
+    {"noise": 0.6, "gap": 2.0},
 ]
 
 
@@ -90,11 +100,18 @@ def _unstack(tree: Any, i: int) -> Any:
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
-    v = np.asarray(values, np.float64)
+    """Statistics over the finite values (a diverged run counts in ``nonfinite`` only)."""
+    a = np.asarray(values, np.float64)
+    v = a[np.isfinite(a)]
+    if v.size == 0:
+        return {"values": a.tolist(), "nonfinite": int(a.size), "median": None, "mean": None,
+                "se": None, "min": None, "max": None}
     return {
-        "values": v.tolist(),
+        "values": a.tolist(),
+        "nonfinite": int(a.size - v.size),
         "median": float(np.median(v)),
         "mean": float(np.mean(v)),
+        "se": float(np.std(v, ddof=1) / np.sqrt(v.size)) if v.size > 1 else None,
         "min": float(np.min(v)),
         "max": float(np.max(v)),
     }
@@ -278,7 +295,7 @@ def run_kink(cfg: dict[str, Any], log, save) -> dict[str, Any]:
     T, N = cfg["steps"], cfg["iterations"]
     B = T * (N + 1)
     sets = []
-    for kw in KINK_CANDIDATES[: cfg["candidates"]]:
+    for kw in cfg["data"]:
         if len([s for s in sets if "methods" in s]) >= cfg["datasets"]:
             break
         setup = kink_setup(kw)
@@ -298,7 +315,8 @@ def run_kink(cfg: dict[str, Any], log, save) -> dict[str, Any]:
             entry["seeds"] = seeds
             entry["methods"] = kink_methods(setup, scr, seeds, cfg, jax.random.key(1))
             for m, v in entry["methods"].items():
-                log(f"  {m:20s} median {v['summary']['median']:.4f} "
+                log(f"  {m:20s} {v['summary']['mean']:.4f} ± {v['summary']['se']:.4f} "
+                    f"median {v['summary']['median']:.4f} "
                     f"[{v['summary']['min']:.4f}, {v['summary']['max']:.4f}] "
                     f"wall {v['wall_s'] if v['wall_s'] is None else round(v['wall_s'], 1)}")
         sets.append(entry)
@@ -332,7 +350,7 @@ def fmnist_data(n_train: int, n_val: int) -> dict[str, np.ndarray]:
     }
 
 
-def run_fmnist(cfg: dict[str, Any], log) -> dict[str, Any]:
+def run_fmnist(cfg: dict[str, Any], log, save=lambda part: None) -> dict[str, Any]:
     d = fmnist_data(cfg["n_train"], cfg["n_val"])
     x, y = jnp.asarray(d["x"]), jnp.asarray(d["y"])
     xv, yv, xt, yt = (jnp.asarray(d[k]) for k in ("xv", "yv", "xt", "yt"))
@@ -357,8 +375,10 @@ def run_fmnist(cfg: dict[str, Any], log) -> dict[str, Any]:
     def record(name, champions, wall, **extra):
         acc = [1.0 - float(err(_unstack(champions, c), xt, yt)) for c in range(C)]
         out[name] = {"test_acc": acc, "wall_s": wall, "summary": _summary(acc), **extra}
-        log(f"  {name:20s} test acc median {np.median(acc):.4f} [{min(acc):.4f}, {max(acc):.4f}]"
-            f" wall {wall:.0f} s")
+        sm = out[name]["summary"]
+        log(f"  {name:20s} test acc {sm['mean']:.4f} ± {sm['se']:.4f} [{min(acc):.4f}, "
+            f"{max(acc):.4f}] wall {wall:.0f} s")
+        save({"methods": out})
 
     def chains(init, **kw):
         return pnjax.run_chains(init, loss_fn, opt, score_fn=score_fn, key=jax.random.split(
@@ -469,14 +489,87 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown_tables(result: dict[str, Any]) -> str:
+    """The result's tables in Markdown: mean ± standard error [min, max], wall seconds."""
+
+    def cell(sm, fmt):
+        if sm["mean"] is None:
+            return "all diverged"
+        se = "" if sm.get("se") is None else f" ± {sm['se']:{fmt}}"
+        bad = f", {sm['nonfinite']} diverged" if sm.get("nonfinite") else ""
+        return f"{sm['mean']:{fmt}}{se} [{sm['min']:{fmt}}, {sm['max']:{fmt}}{bad}]"
+
+    def wall(v):
+        return "in the screening" if v.get("wall_s") is None else f"{v['wall_s']:.0f}"
+
+    lines = []
+    sets = [s for s in result.get("kink", {}).get("datasets", []) if "methods" in s]
+    if sets:
+        best = [k for k in sets[0] if k.startswith("best_of")][0]
+        lines += ["| data set | two-piece loss | " + best.replace("_", " ") + " | stuck |",
+                  "|---|---|---|---|"]
+        lines += [f"| `{json.dumps(s['data_kwargs'])}` | {s['two_piece_affine_loss']:.3f} | "
+                  f"{s[best]:.4f} | {s['stuck_fraction']:.0%} |" for s in sets]
+        lines += ["", "| method | " + " | ".join(
+            f"`{json.dumps(s['data_kwargs'])}` loss (wall s)" for s in sets) + " |",
+            "|---|" + "---|" * len(sets)]
+        for m in sets[0]["methods"]:
+            lines.append(f"| {m} | " + " | ".join(
+                f"{cell(s['methods'][m]['summary'], '.3g')} ({wall(s['methods'][m])})"
+                for s in sets) + " |")
+    if "fmnist" in result:
+        lines += ["", "| method | test accuracy | wall s |", "|---|---|---|"]
+        for m, v in result["fmnist"]["methods"].items():
+            lines.append(f"| {m} | {cell(v['summary'], '.4f')} | {wall(v)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller budgets (same code)")
     ap.add_argument("--only", choices=["kink", "fmnist"], default=None)
-    ap.add_argument("--out", default=str(RESULTS / "shootout.json"))
+    ap.add_argument("--out", default=None,
+                    help="result JSON (default: results/shootout.json, with --quick "
+                    "results/shootout_quick.json); the PNG goes beside it")
+    ap.add_argument("--kink-data", nargs="+", default=None, metavar="JSON",
+                    help="make_kink_data keyword arguments (one JSON object per data set) to "
+                    "screen in this order instead of the built-in candidates")
+    ap.add_argument("--datasets", type=int, default=3,
+                    help="kink data sets to run the methods on (the first that pass screening)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="combine --only kink / --only fmnist results (kink data sets in the "
+                    "order given) into --out (+ PNG)")
+    ap.add_argument("--table", default=None, metavar="JSON",
+                    help="print the tables of a result file in Markdown and exit")
     args = ap.parse_args()
+    default_out = str(RESULTS / ("shootout_quick.json" if args.quick else "shootout.json"))
+    args.out = args.out or default_out
+    if args.table:
+        print(markdown_tables(json.loads(Path(args.table).read_text())))
+        return
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        merged: dict[str, Any] = {"commands": [q["command"] for q in parts],
+                                  "total_wall_s": [q.get("total_wall_s") for q in parts],
+                                  "environment": parts[-1].get("environment")}
+        for q in parts:
+            if "kink" in q:
+                k = merged.setdefault("kink", {**q["kink"], "datasets": []})
+                k["datasets"] += q["kink"]["datasets"]
+                merged["kink_config"] = q["kink_config"]
+            if "fmnist" in q:
+                merged["fmnist"], merged["fmnist_config"] = q["fmnist"], q["fmnist_config"]
+        for s in merged.get("kink", {}).get("datasets", []):
+            for v in s.get("methods", {}).values():
+                v["summary"] = _summary(v["loss"])
+        for v in merged.get("fmnist", {}).get("methods", {}).values():
+            v["summary"] = _summary(v["test_acc"])
+        Path(args.out).write_text(json.dumps(merged, indent=1, default=float))
+        plot(merged, Path(args.out).with_suffix(".png"))
+        return
+    data = [json.loads(t) for t in args.kink_data] if args.kink_data else KINK_CANDIDATES
     kink_cfg = {"steps": 3000, "iterations": 4, "lam": 0.01, "seeds": 5, "screen": 100,
-                "candidates": len(KINK_CANDIDATES), "datasets": 3, "anls_sweeps": 20}
+                "data": data, "datasets": args.datasets, "anls_sweeps": 20}
     fm_cfg = {"n_train": 6000, "n_val": 2000, "epochs": 2, "iterations": 2, "batch": 128,
               "seeds": 5, "hidden": 64, "lam": 0.001, "split_examples": 2000}
     if args.quick:
@@ -489,7 +582,10 @@ def main() -> None:
 
     result: dict[str, Any] = {
         "command": "python benchmarks/shootout.py" + (" --quick" if args.quick else "")
-        + (f" --only {args.only}" if args.only else ""),
+        + (f" --only {args.only}" if args.only else "")
+        + (" --kink-data " + " ".join(f"'{t}'" for t in args.kink_data) if args.kink_data
+           else "") + (f" --datasets {args.datasets}" if args.datasets != 3 else "")
+        + (f" --out {args.out}" if args.out != default_out else ""),
         "kink_config": kink_cfg,
         "fmnist_config": fm_cfg,
     }
@@ -503,7 +599,7 @@ def main() -> None:
         result["kink"] = run_kink(kink_cfg, log, lambda part: save({**result, "kink": part}))
         save(result)
     if args.only in (None, "fmnist"):
-        result["fmnist"] = run_fmnist(fm_cfg, log)
+        result["fmnist"] = run_fmnist(fm_cfg, log, lambda part: save({**result, "fmnist": part}))
     result["total_wall_s"] = time.time() - t0
     result["environment"] = {
         "pnjax": pnjax.__version__, "jax": jax.__version__, "optax": optax.__version__,

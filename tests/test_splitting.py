@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pnjax.baselines import (
+    extreme_eigenpairs,
     hidden_widths,
     mlp_apply,
     split_neurons,
@@ -164,3 +165,38 @@ def test_bad_input_errors():
         splitting_matrices(params, x, y, mse, method="exact")
     with pytest.raises(ValueError, match="Dense chain"):
         splitting_matrices({"Dense_0": params["Dense_0"]}, x, y, mse)
+
+
+def test_lobpcg_extremes_match_dense_eigh():
+    """LOBPCG's (λ_min, v_min), (λ_max, v_max) against float64 eigh on distinct spectra."""
+    rng = np.random.default_rng(0)
+    m, d = 4, 40
+    Q = np.linalg.qr(rng.standard_normal((m, d, d)))[0]
+    lam = np.sort(rng.uniform(-1.0, 2.0, (m, d)), axis=1)
+    lam[:, 0] -= 0.5  # separate the extremes from the rest
+    lam[:, -1] += 0.5
+    S = np.einsum("mij,mj,mkj->mik", Q, lam, Q).astype(np.float32)
+    lo, v_lo, hi, v_hi = extreme_eigenpairs(S, method="lobpcg")
+    dlo, dv_lo, dhi, dv_hi = extreme_eigenpairs(S, method="dense")
+    np.testing.assert_allclose(lo, dlo, atol=1e-4)
+    np.testing.assert_allclose(hi, dhi, atol=1e-4)
+    np.testing.assert_allclose(np.abs(np.sum(v_lo * dv_lo, -1)), 1.0, atol=1e-3)
+    np.testing.assert_allclose(np.abs(np.sum(v_hi * dv_hi, -1)), 1.0, atol=1e-3)
+    with pytest.raises(ValueError, match="larger than 5"):
+        extreme_eigenpairs(S[:, :4, :4], method="lobpcg")
+    with pytest.raises(ValueError, match="method"):
+        extreme_eigenpairs(S, method="arpack")
+
+
+def test_split_with_lobpcg_equals_dense_split_on_wide_input():
+    """A 70-input layer: 'auto' takes LOBPCG, and picks the same neurons as the dense path."""
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((64, 70)), jnp.float32)
+    y = jnp.sin(x[:, :2])
+    params = Net(width=6).init(jax.random.key(0), x)["params"]
+    S = splitting_matrices(params, x, y, mse)
+    a = split_neurons(params, S, count=2, scheme="signed", eig_method="auto")
+    b = split_neurons(params, S, count=2, scheme="signed", eig_method="dense")
+    for n in a.scores:
+        np.testing.assert_allclose(a.scores[n], b.scores[n], rtol=1e-3, atol=1e-6)
+        np.testing.assert_array_equal(a.split[n], b.split[n])
+    np.testing.assert_allclose(a.predicted_change, b.predicted_change, rtol=1e-3)

@@ -10,6 +10,7 @@ from pnjax.baselines.anls import ANLSResult, anls, anls_sweep, one_hidden_loss
 from pnjax.baselines.restarts import RestartsResult, random_restarts
 from pnjax.baselines.splitting import (
     SplitResult,
+    extreme_eigenpairs,
     hidden_widths,
     mlp_apply,
     softplus_curvature,
@@ -23,6 +24,7 @@ __all__ = [
     "SplitResult",
     "anls",
     "anls_sweep",
+    "extreme_eigenpairs",
     "hidden_widths",
     "mlp_apply",
     "one_hidden_loss",

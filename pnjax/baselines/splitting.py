@@ -66,6 +66,7 @@ Activation = Callable[[jax.Array], jax.Array]
 
 __all__ = [
     "SplitResult",
+    "extreme_eigenpairs",
     "hidden_widths",
     "mlp_apply",
     "softplus_curvature",
@@ -316,6 +317,74 @@ class SplitResult:
     scores: dict[str, np.ndarray]
 
 
+DENSE_EIGH_MAX = 64  # 'auto' uses the dense float64 eigh up to this matrix size
+
+
+@functools.partial(jax.jit, static_argnames=("iterations",))
+def _lobpcg_extremes(S: jax.Array, iterations: int) -> tuple[jax.Array, ...]:
+    """LOBPCG for the largest eigenpair of ``S_j`` and of ``-S_j``, vmapped over neurons."""
+    from jax.experimental.sparse.linalg import lobpcg_standard
+
+    def top(A, x0):
+        lam, vec, _ = lobpcg_standard(A, x0, m=iterations)
+        return lam[0], vec[:, 0]
+
+    x0 = jax.random.normal(jax.random.key(0), (S.shape[-1], 1), S.dtype)
+    hi, v_hi = jax.vmap(top, in_axes=(0, None))(S, x0)
+    neg_lo, v_lo = jax.vmap(top, in_axes=(0, None))(-S, x0)
+    return -neg_lo, v_lo, hi, v_hi
+
+
+def extreme_eigenpairs(
+    S: jax.Array | np.ndarray, *, method: str = "auto", iterations: int = 200
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The smallest and largest eigenpairs of a batch of symmetric matrices.
+
+    ``S_j v = λ v`` for ``j = 1..m``; only ``(λ_min, v_min)`` (S2D) and ``(λ_max, v_max)``
+    (S3D) are needed, so large matrices (a first layer on 784 pixels: ``785 x 785`` per
+    neuron) need not be fully eigendecomposed.
+
+    - ``'dense'``: ``numpy.linalg.eigh`` in float64 (every eigenpair; ``O(m d³)``).
+    - ``'lobpcg'``: ``jax.experimental.sparse.linalg.lobpcg_standard`` for the top eigenpair of
+      ``S_j`` and of ``-S_j`` (``λ_min(S) = -λ_max(-S)``), batched over neurons with ``vmap``
+      under ``jit``, in ``S``'s dtype, at most ``iterations`` block iterations; needs
+      ``d > 5``. About ``O(m d² iterations)``; a few seconds for 32 matrices of ``785 x 785``
+      on a 2-core CPU, where batched dense ``eigh`` takes minutes.
+    - ``'auto'``: ``'dense'`` up to ``d = 64`` (:data:`DENSE_EIGH_MAX`), ``'lobpcg'`` above.
+
+    When an extreme eigenvalue is repeated, any unit vector of its eigenspace may come back.
+
+    Args:
+      S: ``[m, d, d]`` symmetric matrices.
+      method: ``'auto'``, ``'dense'`` or ``'lobpcg'``.
+      iterations: LOBPCG's iteration cap.
+
+    Returns:
+      ``(λ_min [m], v_min [m, d], λ_max [m], v_max [m, d])`` as float64 NumPy arrays, unit
+      eigenvectors.
+
+    Raises:
+      ValueError: an unknown method, ``S`` not ``[m, d, d]``, or LOBPCG on ``d <= 5``.
+    """
+    if method not in ("auto", "dense", "lobpcg"):
+        raise ValueError(f"method must be 'auto', 'dense' or 'lobpcg', got {method!r}")
+    if S.ndim != 3 or S.shape[1] != S.shape[2]:
+        raise ValueError(f"S must have shape [m, d, d], got {tuple(S.shape)}")
+    d = S.shape[-1]
+    if method == "auto":
+        method = "dense" if d <= DENSE_EIGH_MAX else "lobpcg"
+    if method == "lobpcg":
+        if d <= 5:
+            raise ValueError(f"LOBPCG needs matrices larger than 5 x 5, got d={d}; use 'dense'")
+        out = _lobpcg_extremes(jnp.asarray(S), iterations)
+        lo, v_lo, hi, v_hi = (np.asarray(a, np.float64) for a in out)
+        v_lo /= np.linalg.norm(v_lo, axis=-1, keepdims=True)
+        v_hi /= np.linalg.norm(v_hi, axis=-1, keepdims=True)
+        return lo, v_lo, hi, v_hi
+    lam, vec = np.linalg.eigh(np.asarray(S, np.float64))  # ascending, eigenvectors in columns
+    return lam[:, 0], vec[:, :, 0], lam[:, -1], vec[:, :, -1]
+
+
 def split_neurons(
     params: PyTree,
     matrices: dict[str, jax.Array],
@@ -325,6 +394,7 @@ def split_neurons(
     scheme: str = "positive",
     c: float = 3.0,
     count: int | None = None,
+    eig_method: str = "auto",
 ) -> SplitResult:
     """Splits the neurons with the most negative predicted loss change (S2D or S3D).
 
@@ -349,6 +419,8 @@ def split_neurons(
       scheme: ``'positive'`` (S2D) or ``'signed'`` (S3D).
       c: S3D's bound on the sum of the copies' absolute weights, ``c > 1``.
       count: split exactly this many neurons.
+      eig_method: how the extreme eigenpairs of each ``S_j`` are found
+        (:func:`extreme_eigenpairs`): ``'dense'``, ``'lobpcg'`` or ``'auto'``.
 
     Returns:
       A :class:`SplitResult`.
@@ -372,17 +444,17 @@ def split_neurons(
     eig = {}
     scores = {}
     for n in hidden:
-        S = np.asarray(matrices[n], np.float64)
+        S = matrices[n]
         k = p[n]["kernel"]
         if S.shape != (k.shape[1], k.shape[0] + 1, k.shape[0] + 1):
             raise ValueError(f"matrices[{n!r}] has shape {S.shape}, expected "
                              f"{(k.shape[1], k.shape[0] + 1, k.shape[0] + 1)}")
-        lam, vec = np.linalg.eigh(S)  # ascending eigenvalues, unit eigenvectors in columns
-        pos = lam[:, 0]
-        sgn = -r * lam[:, -1]
+        lo, v_lo, hi, v_hi = extreme_eigenpairs(S, method=eig_method)
+        pos = lo
+        sgn = -r * hi
         use_signed = (sgn < pos) if scheme == "signed" else np.zeros_like(pos, bool)
         scores[n] = np.where(use_signed, sgn, pos)
-        eig[n] = (vec, use_signed)
+        eig[n] = (v_lo, v_hi, use_signed)
     total = sum(s.size for s in scores.values())
     if count is None:
         if not 0.0 < fraction <= 1.0:
@@ -405,7 +477,7 @@ def split_neurons(
     for li in range(len(hidden) - 1, -1, -1):
         n, nxt = hidden[li], names[li + 1]
         idx = np.flatnonzero(chosen[offsets[li] : offsets[li + 1]])
-        vec, use_signed = eig[n]
+        v_lo, v_hi, use_signed = eig[n]
         sg = use_signed[idx]
         split[n], signed[n] = idx, sg
         predicted += float(np.sum(scores[n][idx])) * eps**2 / 2
@@ -413,7 +485,7 @@ def split_neurons(
             continue
         K, b = new[n]["kernel"], new[n]["bias"]
         theta = np.concatenate([K.T, b[:, None]], axis=1).astype(np.float64)  # [m, in + 1]
-        v = np.where(sg[:, None], vec[idx, :, -1], vec[idx, :, 0])  # [k, in + 1]
+        v = np.where(sg[:, None], v_hi[idx], v_lo[idx])  # [k, in + 1]
         d1 = np.where(sg[:, None], r * v, v)  # the copy kept at the neuron's index
         d2 = np.where(sg[:, None], v, -v)  # the appended copy
         w1 = np.where(sg, (c + 1.0) / 2.0, 0.5)
