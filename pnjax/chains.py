@@ -511,7 +511,8 @@ def prepare_chains(
 
     Returns:
       A :class:`PreparedChains` ``(compiled, args, finish)``: the jitted program, its
-      (sharded, padded) arguments, the data last, and ``finish(outputs) -> ChainsResult``.
+      (sharded, padded) arguments, the data and the starting bank (``None`` without
+      ``init_bank``) last, and ``finish(outputs) -> ChainsResult``.
     """
     p = _prepare(
         init_params, loss_fn, optimizer, iterations=iterations, lam=lam, steps=steps,

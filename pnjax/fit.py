@@ -232,7 +232,9 @@ def persistent_fit(
         lambda: fingerprint(
             config, init_params=init_params, key=key, data=data,
             model_state=model_state, optimizer=optimizer, params=init_params,
-            init_bank=None if bank0 is None else {"anchors": bank0.anchors, "count": bank0.count},
+            init_bank=None if init_bank is None else {
+                "anchors": init_bank.anchors, "count": init_bank.count
+            },
             lam_schedule=schedule_fingerprint(cfg, run.total_steps),
             runs={"lam": cfg.lam, "layer_mask": masks},
         ),
