@@ -8,7 +8,10 @@ population variant of the bookkeeping), either one compiled program over all ite
 ``fori_loop`` whose bounds are arguments, so one iteration at a time reuses the compilation) or
 a host loop over iterations around a vmapped driver.
 
-Each builder returns a :class:`Plan`: the state template, ``advance`` for one iteration,
+The compiled pieces (:func:`one_chain_programs`, :func:`chain_programs`) hold no value of a
+call, only the run and static settings, so the drivers keep them across calls
+(:mod:`pnjax.programs`). :func:`one_chain` and :func:`many_chains` then make a :class:`Plan`
+from the pieces and the call's values: the state template, ``advance`` for one iteration,
 optionally ``fused`` for all of them, and the template of a mid-iteration carry, which
 :func:`pnjax.resume.run_loop` drives.
 """
