@@ -48,7 +48,15 @@ import optax
 from pnjax import algorithm, programs
 from pnjax._checks import check_score_fn
 from pnjax.anchors import AnchorBank
-from pnjax.config import MODES, Config, make_config, schedule_fingerprint, schedule_values
+from pnjax.config import (
+    MODES,
+    Config,
+    capacity_setting,
+    lam_setting,
+    make_config,
+    schedule_fingerprint,
+    schedule_values,
+)
 from pnjax.drivers import default_jit, resolve_loop
 from pnjax.layers import layer_names
 from pnjax.loop import starting_bank
@@ -165,7 +173,8 @@ def _prepare(init_params, loss_fn, optimizer, *, iterations, lam, steps=None, la
              layer_draw="once", capacity=None, data=None, batch_size=None, epochs=None,
              shuffle="same", log_every=None, push_diverged=False, jit=None, loop="auto",
              model_state=None, anchor_fn=None, checkpoint_dir=None, checkpoint_keep=2,
-             checkpoint_every_epochs=None, chain_layers=None, init_bank=None) -> _Chains:  # fmt: skip
+             checkpoint_every_epochs=None, chain_layers=None,
+             init_bank=None) -> _Chains:  # fmt: skip
     """Checks the arguments and builds the chains' program (see :func:`run_chains`)."""
     c = num_chains(init_params)
     cfg = make_config(
@@ -247,9 +256,9 @@ def _prepare(init_params, loss_fn, optimizer, *, iterations, lam, steps=None, la
                              masks=masks)  # fmt: skip
 
     config = {
-        "driver": "run_chains", "mode": mode, "steps": steps,
+        "driver": "run_chains", "lam": lam_setting(lam), "mode": mode, "steps": steps,
         "epochs": epochs, "batch_size": batch_size, "log_every": log_every,
-        "capacity": capacity, "shuffle": shuffle, "push_diverged": push_diverged,
+        "capacity": capacity_setting(capacity), "shuffle": shuffle, "push_diverged": push_diverged,
         "num_args_chains": c, "anchor_fn": anchor_fn is not None,
         "checkpoint_every_epochs": cfg.every,
     }  # fmt: skip

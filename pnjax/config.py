@@ -133,6 +133,21 @@ def schedule_values(schedule: Any, total_steps: int) -> np.ndarray:
     return vals
 
 
+def lam_setting(lam: Any) -> Any:
+    """λ as a checkpoint's fingerprint names it: the number for a constant λ (so a change reads
+    ``lam: 0.1 in the checkpoint, 0.2 now``), else what kind of λ it is (the values are then
+    covered per run and by the schedule's values)."""
+    if callable(lam) and not hasattr(lam, "shape"):
+        return "schedule"
+    arr = np.asarray(lam, np.float32)
+    return float(arr) if arr.ndim == 0 else f"array of shape {list(arr.shape)}"
+
+
+def capacity_setting(capacity: Any) -> Any:
+    """The capacity as given, or ``'default'`` (it then grows with ``iterations``)."""
+    return "default" if capacity is None else capacity
+
+
 def schedule_fingerprint(cfg: Config, total_steps: int) -> np.ndarray | None:
     """What identifies a λ schedule in a checkpoint's fingerprint: its values at every update
     count ``0..total_steps - 1`` (``None`` without a schedule)."""

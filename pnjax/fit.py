@@ -26,7 +26,13 @@ import optax
 from pnjax import algorithm, programs
 from pnjax._checks import check_score_fn
 from pnjax.anchors import AnchorBank
-from pnjax.config import make_config, schedule_fingerprint, schedule_values
+from pnjax.config import (
+    capacity_setting,
+    lam_setting,
+    make_config,
+    schedule_fingerprint,
+    schedule_values,
+)
 from pnjax.drivers import choose_loop, python_loop_run, resolve_loop
 from pnjax.drivers import default_jit as _default_jit
 from pnjax.layers import layer_names
@@ -220,10 +226,10 @@ def persistent_fit(
         capacity=cfg.capacity, shuffle=shuffle, bank=bank0,
     )  # fmt: skip
     config = {
-        "driver": "persistent_fit",
+        "driver": "persistent_fit", "lam": lam_setting(lam),
         "steps": steps, "epochs": epochs, "batch_size": batch_size, "log_every": log_every,
         "layers": None if isinstance(layers, (jax.Array, np.ndarray)) else layers,
-        "layer_draw": layer_draw, "capacity": capacity, "shuffle": shuffle,
+        "layer_draw": layer_draw, "capacity": capacity_setting(capacity), "shuffle": shuffle,
         "push_diverged": push_diverged, "anchor_fn": anchor_fn is not None,
         "checkpoint_every_epochs": cfg.every,
     }  # fmt: skip
