@@ -139,7 +139,7 @@ def lam_setting(lam: Any) -> Any:
     covered per run and by the schedule's values)."""
     if callable(lam) and not hasattr(lam, "shape"):
         return "schedule"
-    arr = np.asarray(lam, np.float32)
+    arr = np.asarray(lam, np.float64)
     return float(arr) if arr.ndim == 0 else f"array of shape {list(arr.shape)}"
 
 

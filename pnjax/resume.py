@@ -231,8 +231,8 @@ class Checkpoints:
                 raise ValueError(
                     f"checkpoint folder {str(self.directory)!r} holds {done} finished runs "
                     f"(iterations={done - 1}), more than iterations={self.rows - 1} asks for; "
-                    f"pass iterations >= {done - 1} (a larger value continues the run), or use "
-                    "another folder."
+                    f"pass iterations >= {done - 1} (a larger value continues the run), or use an "
+                    "empty checkpoint folder to start afresh."
                 )
             tree: dict[str, Any] = {"loop": template(bool(meta.get("has_finals")))}
             if meta.get("partial_epochs"):
