@@ -45,11 +45,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pnjax import algorithm
+from pnjax import algorithm, programs
 from pnjax._checks import check_driver_args, check_score_fn
-from pnjax.config import MODES, Config, make_config
+from pnjax.anchors import AnchorBank
+from pnjax.config import (
+    MODES,
+    Config,
+    capacity_setting,
+    lam_setting,
+    make_config,
+    schedule_fingerprint,
+    schedule_values,
+)
 from pnjax.drivers import default_jit, resolve_loop
 from pnjax.layers import layer_names
+from pnjax.loop import starting_bank
 from pnjax.results import ChainsResult, chains_result
 from pnjax.resume import Checkpoints, fingerprint, open_checkpoints, run_loop
 from pnjax.run import make_train_run
@@ -163,7 +173,8 @@ def _prepare(init_params, loss_fn, optimizer, *, iterations, lam, steps=None, la
              layer_draw="once", capacity=None, data=None, batch_size=None, epochs=None,
              shuffle="same", log_every=None, push_diverged=False, jit=None, loop="auto",
              model_state=None, anchor_fn=None, checkpoint_dir=None, checkpoint_keep=2,
-             checkpoint_every_epochs=None) -> _Chains:  # fmt: skip
+             checkpoint_every_epochs=None, chain_layers=None,
+             init_bank=None) -> _Chains:  # fmt: skip
     """Checks the arguments and builds the chains' program (see :func:`run_chains`)."""
     c = num_chains(init_params)
     one = jax.tree_util.tree_map(
@@ -176,7 +187,7 @@ def _prepare(init_params, loss_fn, optimizer, *, iterations, lam, steps=None, la
         epochs=epochs, shuffle=shuffle, layer_draw=layer_draw, capacity=capacity, mode=mode,
         push_diverged=push_diverged, checkpoint_dir=checkpoint_dir,
         checkpoint_every_epochs=checkpoint_every_epochs, checkpoint_keep=checkpoint_keep,
-        chains=c,
+        chains=c, start_count=_bank_count(init_bank),
     )  # fmt: skip
     has_state = model_state is not None
     if has_state:
@@ -186,15 +197,20 @@ def _prepare(init_params, loss_fn, optimizer, *, iterations, lam, steps=None, la
     template = jax.tree_util.tree_map(lambda x: jnp.zeros(np.shape(x)[1:], x.dtype), init_params)
     names = layer_names(template)
     check_score_fn(score_fn, template, jax.tree_util.tree_map(lambda x: x[0], model_state))
-    masks, idx = chain_schedules(names, layers, layer_draw, cfg.iterations + 1, keys, c)
-    run = make_train_run(loss_fn, optimizer, steps=steps, score_fn=score_fn, data=data,
-                         batch_size=batch_size, epochs=epochs, log_every=log_every,
-                         has_state=has_state)  # fmt: skip
+    masks, idx = chain_schedules(
+        names, layers, layer_draw, cfg.iterations + 1, keys, c, chain_layers=chain_layers
+    )
+    settings = dict(steps=steps, data=data, batch_size=batch_size, epochs=epochs,
+                    log_every=log_every, has_state=has_state)  # fmt: skip
+    run = make_train_run(loss_fn, optimizer, score_fn=score_fn, **settings)
+    if cfg.lam_schedule is not None:
+        schedule_values(cfg.lam_schedule, run.total_steps)
     kind = resolve_loop(
         loop, loss_fn=loss_fn, template=template, data=data, every=cfg.every, epochs=epochs,
         model_state=jax.tree_util.tree_map(lambda x: x[0], model_state), mesh=mesh,
     )  # fmt: skip
     padded, put, constrain = _placement(mesh, chain_axes, c)
+    population = mode == "population"
 
     def pad(x):
         x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
@@ -202,20 +218,38 @@ def _prepare(init_params, loss_fn, optimizer, *, iterations, lam, steps=None, la
             return x
         return jnp.concatenate([x, jnp.repeat(x[:1], padded - c, axis=0)], axis=0)
 
+    bank0 = None
+    if init_bank is not None:
+        bank0 = starting_bank(init_bank, template, cfg.capacity)
+        if not population:  # every chain starts from the same anchors
+            bank0 = jax.tree_util.tree_map(
+                lambda x: put(jnp.broadcast_to(x, (padded, *jnp.shape(x)))), bank0
+            )
     chained = (init_params, cfg.lam, masks, keys)
     args = tuple(jax.tree_util.tree_map(lambda x: put(pad(x)), chained))
     active = put(jnp.asarray(np.arange(padded) < c))  # padding chains never push
     args += (active, jax.tree_util.tree_map(lambda x: put(pad(x)), state0))
-    args += (algorithm.device_data(data),)
+    args += (algorithm.device_data(data), bank0)
     compiler = jit or default_jit()
-    plan, init, program = algorithm.many_chains(
-        run, loop=kind, jit=compiler, args=args, iterations=cfg.iterations,
-        capacity=cfg.capacity, shuffle=shuffle, every=cfg.every,
-        population=mode == "population", anchor_fn=anchor_fn, push_diverged=push_diverged,
-        constrain=constrain,
-    )  # fmt: skip
+
+    def build():
+        weak = programs.weak_run(loss_fn, optimizer, score_fn, cfg.lam_schedule, **settings)
+        return algorithm.chain_programs(
+            weak, loop=kind, jit=compiler, iterations=cfg.iterations, capacity=cfg.capacity,
+            shuffle=shuffle, every=cfg.every, population=population,
+            anchor_fn=programs.weak_callable(anchor_fn), push_diverged=cfg.push_diverged,
+            constrain=constrain, start_bank=bank0 is not None,
+        )  # fmt: skip
+
+    users = (loss_fn, optimizer.init, optimizer.update, score_fn, anchor_fn, cfg.lam_schedule,
+             compiler)  # fmt: skip
+    static = (kind, cfg.iterations, cfg.capacity, shuffle, cfg.every, population,
+              cfg.push_diverged, mesh, _axes_key(chain_axes), bank0 is not None,
+              programs.run_signature(run))  # fmt: skip
+    pieces = programs.cached("chains", users, static, build)
+    plan = algorithm.many_chains(pieces, args, cfg.iterations)
     if kind == "scan":
-        compiled = compiler(lambda *a: program(init(*a), 0, cfg.iterations + 1, *a))
+        compiled = pieces.whole
     else:
 
         def compiled(*a):
@@ -223,25 +257,42 @@ def _prepare(init_params, loss_fn, optimizer, *, iterations, lam, steps=None, la
                             checkpoints=None, callback=None, has_state=has_state)[0]  # fmt: skip
 
     def finish(state) -> ChainsResult:
-        return chains_result(state, c=c, layer=idx, names=names, mode=mode, has_state=has_state)
+        return chains_result(state, c=c, layer=idx, names=names, mode=mode, has_state=has_state,
+                             masks=masks)  # fmt: skip
 
     config = {
-        "driver": "run_chains", "iterations": cfg.iterations, "mode": mode, "steps": steps,
+        "driver": "run_chains", "lam": lam_setting(lam), "mode": mode, "steps": steps,
         "epochs": epochs, "batch_size": batch_size, "log_every": log_every,
-        "capacity": cfg.capacity, "shuffle": shuffle, "push_diverged": push_diverged,
+        "capacity": capacity_setting(capacity), "shuffle": shuffle, "push_diverged": push_diverged,
         "num_args_chains": c, "anchor_fn": anchor_fn is not None,
         "checkpoint_every_epochs": cfg.every,
     }  # fmt: skip
     checkpoints = open_checkpoints(
         cfg.folder,
         lambda: fingerprint(
-            config, init_params=init_params, lam=cfg.lam,
-            keys=np.asarray(jax.random.key_data(keys)), data=data, layer_masks=masks,
+            config, init_params=init_params,
+            keys=np.asarray(jax.random.key_data(keys)), data=data,
             model_state=model_state, optimizer=optimizer, params=template,
+            init_bank=None if init_bank is None else {
+                "anchors": init_bank.anchors, "count": init_bank.count
+            },
+            lam_schedule=schedule_fingerprint(cfg, run.total_steps),
+            runs={"lam": np.swapaxes(cfg.lam, 0, 1), "layer_masks": np.swapaxes(masks, 0, 1)},
         ),
         keep=cfg.keep, every=cfg.every, epochs=epochs, chunked=kind == "chunked", lock=cfg.lock,
+        rows=cfg.iterations + 1, capacity=cfg.capacity,
     )  # fmt: skip
     return _Chains(plan, compiled, args, finish, cfg, checkpoints, has_state, c)
+
+
+def _bank_count(bank: Any) -> int:
+    """How many anchors an ``init_bank`` holds (0 for ``None`` or a non-bank: checked later)."""
+    count = getattr(bank, "count", 0)
+    return int(np.max(np.asarray(count))) if np.size(count) else 0
+
+
+def _axes_key(chain_axes: Any) -> Any:
+    return tuple(chain_axes) if isinstance(chain_axes, (list, tuple)) else chain_axes
 
 
 def _placement(mesh, chain_axes, c):
@@ -281,7 +332,7 @@ def run_chains(
     optimizer: optax.GradientTransformation,
     *,
     iterations: int,
-    lam: float | Sequence[float] | jax.Array,
+    lam: float | Sequence[float] | jax.Array | Callable[[Any], Any],
     steps: int | None = None,
     layers: Any = None,
     score_fn: Callable[[PyTree], jax.Array] | None = None,
@@ -305,6 +356,8 @@ def run_chains(
     anchor_fn: Callable[[PyTree, jax.Array], PyTree] | None = None,
     callback: Callable[[int, dict[str, Any]], None] | None = None,
     checkpoint_every_epochs: int | None = None,
+    chain_layers: Any = None,
+    init_bank: AnchorBank | None = None,
 ) -> ChainsResult:
     """Runs ``C`` persistent chains (Algorithm 1 each, or a population) in one compiled program.
 
@@ -334,11 +387,20 @@ def run_chains(
       optimizer: any Optax transformation; re-initialized for every run of every chain
         (``value``/``grad``/``value_fn`` for ``L + P`` as in :func:`pnjax.persistent_fit`).
       iterations: N, persistent runs (rounds, in population mode) after the plain one.
-      lam: λ >= 0, a scalar or a ``[C]`` array (one λ per chain).
+      lam: λ >= 0: a scalar; a ``[C]`` array (one λ per chain); a ``[C, N]`` or ``[1, N]``
+        array (λ per chain and persistent iteration ``1..N``; ``N + 1`` columns give run 0's
+        too, else run 0 takes iteration 1's); or a schedule ``count -> λ`` (e.g.
+        ``optax.linear_schedule(0.0, 0.01, steps)``) shared by every chain and evaluated at
+        every update inside the compiled run, ``count`` restarting from 0 with every run (as
+        the re-initialized optimizer's own schedules do). ``history['lam']`` records the λ of
+        each run's last update.
       steps: updates per run (full-batch form).
-      layers: ``None`` (every layer, Eq. 4), a layer name or a tuple of names, ``'random'`` (a
-        layer drawn from each chain's key, see ``layer_draw``), a **list** with one such choice
-        per chain, or an int array ``[C]`` / ``[C, N + 1]`` of layer indices (-1: every layer).
+      layers: one choice for every chain, meaning what it means in
+        :func:`pnjax.persistent_fit`: ``None`` (every layer, Eq. 4), a layer name or a set of
+        names (a tuple or list: penalized together), ``'random'`` (a layer drawn from each
+        chain's key, see ``layer_draw``), an int index or an int array ``[N + 1]``.
+      chain_layers: one choice per chain instead: a list of ``C`` such choices, or an int
+        array ``[C]`` / ``[C, N + 1]`` of layer indices (-1: every layer).
       score_fn: ``score_fn(params) -> scalar`` (``score_fn(params, state)`` with
         ``model_state``), lower is better (validation); default: the loss (with the run's
         final state).
@@ -381,13 +443,25 @@ def run_chains(
         iterations then run one compiled call each (the same compilation).
       checkpoint_every_epochs: mini-batch form only: also checkpoint the chains' training
         state every this many epochs inside an iteration (compiled as chunks of epochs).
+      init_bank: an :class:`pnjax.AnchorBank` of one model's params (e.g. an earlier
+        result's ``chain(c).bank``) to start from: every chain's bank (the shared bank in
+        population mode) starts with its anchors, so run 0 is penalized too. The default
+        capacity grows by its count.
+
+    The compiled programs are kept across calls (:mod:`pnjax.programs`): a call with the same
+    ``loss_fn``, optimizer, ``score_fn``, ``anchor_fn`` and λ schedule *objects* and the same
+    settings and argument shapes compiles nothing, whatever its λ values, keys, init params or
+    data. Pass the same optimizer object; sweep learning rates with
+    ``optax.inject_hyperparams``.
 
     Returns:
       A :class:`ChainsResult` (``champion_state``: each chain's championship state).
 
     Raises:
       ValueError: leading axes that disagree, ``lam`` or ``key`` of the wrong length, an unknown
-        ``mode``, ``layers``, ``shuffle`` or ``layer_draw``, a bad ``capacity``, steps or data,
+        ``mode``, ``layers``, ``shuffle`` or ``layer_draw``, a ``layers`` list or int array
+        that reads as one choice per chain (use ``chain_layers``), a bad ``capacity``, steps
+        or data,
         a ``model_state`` without the chain axis, or a ``loss_fn`` whose output does not fit
         ``model_state``.
       TypeError: as :func:`pnjax.persistent_fit`, and a ``mesh`` that is not a
@@ -403,7 +477,8 @@ def run_chains(
         epochs=epochs, shuffle=shuffle, log_every=log_every, push_diverged=push_diverged,
         jit=jit, loop=loop, model_state=model_state, anchor_fn=anchor_fn,
         checkpoint_dir=checkpoint_dir, checkpoint_keep=checkpoint_keep,
-        checkpoint_every_epochs=checkpoint_every_epochs,
+        checkpoint_every_epochs=checkpoint_every_epochs, chain_layers=chain_layers,
+        init_bank=init_bank,
     )  # fmt: skip
     state, resumed = run_loop(
         p.plan.template, p.plan.advance, iterations=p.config.iterations,
@@ -419,7 +494,7 @@ def prepare_chains(
     optimizer: optax.GradientTransformation,
     *,
     iterations: int,
-    lam: float | Sequence[float] | jax.Array,
+    lam: float | Sequence[float] | jax.Array | Callable[[Any], Any],
     steps: int | None = None,
     layers: Any = None,
     score_fn: Callable[[PyTree], jax.Array] | None = None,
@@ -439,6 +514,8 @@ def prepare_chains(
     loop: str = "auto",
     model_state: PyTree = None,
     anchor_fn: Callable[[PyTree, jax.Array], PyTree] | None = None,
+    chain_layers: Any = None,
+    init_bank: AnchorBank | None = None,
 ) -> PreparedChains:
     """:func:`run_chains` split in two: the jitted program, its arguments, and the unpacker.
 
@@ -451,7 +528,8 @@ def prepare_chains(
 
     Returns:
       A :class:`PreparedChains` ``(compiled, args, finish)``: the jitted program, its
-      (sharded, padded) arguments, the data last, and ``finish(outputs) -> ChainsResult``.
+      (sharded, padded) arguments, the data and the starting bank (``None`` without
+      ``init_bank``) last, and ``finish(outputs) -> ChainsResult``.
     """
     p = _prepare(
         init_params, loss_fn, optimizer, iterations=iterations, lam=lam, steps=steps,
@@ -459,5 +537,6 @@ def prepare_chains(
         layer_draw=layer_draw, capacity=capacity, data=data, batch_size=batch_size,
         epochs=epochs, shuffle=shuffle, log_every=log_every, push_diverged=push_diverged,
         jit=jit, loop=loop, model_state=model_state, anchor_fn=anchor_fn,
+        chain_layers=chain_layers, init_bank=init_bank,
     )  # fmt: skip
     return PreparedChains(p.compiled, p.args, p.finish)

@@ -24,7 +24,8 @@ class Config:
 
     Attributes:
       iterations: N, persistent runs after the plain one.
-      lam: λ as float32: a scalar, or ``[C]`` (one per chain).
+      lam: λ of every run as float32: ``[N + 1]``, or ``[C, N + 1]`` (chains).
+      lam_schedule: ``None``, or ``schedule(count) -> factor`` applied within every run.
       capacity: the bank's capacity.
       shuffle, layer_draw, mode, push_diverged: as the drivers document them.
       folder: the checkpoint folder (given, or from the enclosing ``checkpoint_scope``).
@@ -39,6 +40,7 @@ class Config:
     iterations: int
     lam: np.ndarray
     capacity: int
+    lam_schedule: Any = None
     shuffle: str = "same"
     layer_draw: str = "once"
     mode: str = "independent"
@@ -49,34 +51,126 @@ class Config:
     lock: Any = None
 
 
-def _chain_lam(lam: Any, chains: int | None) -> np.ndarray:
+def _per_iteration(arr: np.ndarray, iterations: int, what: str) -> np.ndarray:
+    """``[..., N + 1]`` from a last axis of ``N`` (λ_1..λ_N; run 0 takes λ_1) or ``N + 1``."""
+    n = arr.shape[-1]
+    if n == iterations + 1:
+        return arr
+    if n == iterations and n > 0:
+        return np.concatenate([arr[..., :1], arr], axis=-1)
+    raise ValueError(
+        f"{what} has {n} λ values per chain, but there are {iterations} persistent iterations; "
+        f"give {iterations} (λ_1..λ_N, run 0 takes λ_1) or {iterations + 1} (λ_0..λ_N) values."
+    )
+
+
+def lam_values(lam: Any, chains: int | None, iterations: int) -> tuple[np.ndarray, Any]:
+    """``(values, schedule)``: λ of every run as float32 ``[N + 1]`` (one chain) or
+    ``[C, N + 1]`` (``chains = C``), and the schedule (a callable ``lam``) or ``None``.
+
+    ``lam`` is a float; a callable ``schedule(count) -> λ`` (values then all 1, the schedule
+    multiplies them); a per-iteration sequence of ``N`` or ``N + 1`` values (one chain), or
+    for chains a ``[C]`` array (one λ per chain) or a ``[C | 1, N | N + 1]`` array.
+    """
+    rows = iterations + 1
+    if callable(lam) and not isinstance(lam, (np.ndarray, np.generic)) and not hasattr(
+        lam, "shape"
+    ):
+        shape = (rows,) if chains is None else (chains, rows)
+        return np.ones(shape, np.float32), lam
     check_lam(lam)
     arr = np.asarray(lam, np.float32)
     if chains is None:
-        if arr.ndim != 0:
-            raise ValueError(
-                f"lam must be a scalar in persistent_fit, got shape {arr.shape}; use "
-                "pnjax.run_chains for one λ per chain."
-            )
-        return arr
-    if arr.ndim == 0:
-        return np.full((chains,), arr, np.float32)
-    if arr.shape != (chains,):
+        if arr.ndim == 0:
+            return np.full((rows,), arr, np.float32), None
+        if arr.ndim == 1:
+            return _per_iteration(arr, iterations, "lam"), None
         raise ValueError(
-            f"lam has shape {arr.shape}, but there are {chains} chains; pass a scalar (one λ for "
-            f"every chain) or an array of shape ({chains},) (one λ per chain)."
+            f"lam must be a scalar, a schedule or one λ per iteration in persistent_fit, got "
+            f"shape {arr.shape}; use pnjax.run_chains for one λ per chain."
         )
-    return arr
+    if arr.ndim == 0:
+        return np.full((chains, rows), arr, np.float32), None
+    if arr.ndim == 1 and arr.shape == (chains,):
+        return np.repeat(arr[:, None], rows, axis=1), None
+    if arr.ndim == 2 and arr.shape[0] in (1, chains):
+        per = _per_iteration(arr, iterations, f"lam of shape {arr.shape}")
+        return np.ascontiguousarray(np.broadcast_to(per, (chains, rows))), None
+    raise ValueError(
+        f"lam has shape {arr.shape}, but there are {chains} chains; pass a scalar (one λ for "
+        f"every chain), an array of shape ({chains},) (one λ per chain), an array of shape "
+        f"({chains}, {iterations}) or (1, {iterations}) (one λ per chain and persistent "
+        "iteration; one more column for run 0), or a schedule count -> λ."
+    )
 
 
-def _capacity(capacity: Any, iterations: int, chains: int | None, mode: str) -> int:
+def schedule_values(schedule: Any, total_steps: int) -> np.ndarray:
+    """A λ schedule's values at update counts ``0..total_steps - 1``, float32 ``[T]``.
+
+    Raises:
+      ValueError: a value that is negative or not finite, or a schedule that does not map an
+        int count to a scalar.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    try:
+        vals = np.asarray(jax.vmap(schedule)(jnp.arange(total_steps)), np.float32)
+    except Exception as e:  # noqa: BLE001 - any failure: say what a schedule must be
+        raise ValueError(
+            f"lam={schedule!r} is callable, so it is taken as a schedule count -> λ (e.g. "
+            f"optax.linear_schedule(0.0, 0.01, 1000)), but calling it failed: {e}"
+        ) from e
+    if vals.shape != (total_steps,):
+        raise ValueError(
+            f"the λ schedule must map an update count to a scalar, got shape {vals.shape[1:]}."
+        )
+    if not np.all(np.isfinite(vals)) or np.any(vals < 0):
+        bad = int(np.flatnonzero(~np.isfinite(vals) | (vals < 0))[0])
+        raise ValueError(
+            f"the λ schedule gives {vals[bad]} at count {bad}; λ must be finite and >= 0."
+        )
+    return vals
+
+
+def lam_setting(lam: Any) -> Any:
+    """λ as a checkpoint's fingerprint names it: the number for a constant λ (so a change reads
+    ``lam: 0.1 in the checkpoint, 0.2 now``), else what kind of λ it is (the values are then
+    covered per run and by the schedule's values)."""
+    if callable(lam) and not hasattr(lam, "shape"):
+        return "schedule"
+    arr = np.asarray(lam, np.float64)
+    return float(arr) if arr.ndim == 0 else f"array of shape {list(arr.shape)}"
+
+
+def capacity_setting(capacity: Any) -> Any:
+    """The capacity as given, or ``'default'`` (it then grows with ``iterations``)."""
+    return "default" if capacity is None else capacity
+
+
+def schedule_fingerprint(cfg: Config, total_steps: int) -> np.ndarray | None:
+    """What identifies a λ schedule in a checkpoint's fingerprint: its values at every update
+    count ``0..total_steps - 1`` (``None`` without a schedule)."""
+    if cfg.lam_schedule is None:
+        return None
+    return schedule_values(cfg.lam_schedule, total_steps)
+
+
+def _capacity(
+    capacity: Any, iterations: int, chains: int | None, mode: str, start: int = 0
+) -> int:
     population = mode == "population"
     per_round = chains if population and chains else 1
     if capacity is None:
-        return (iterations + 1) * per_round
+        return start + (iterations + 1) * per_round
     if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
         raise ValueError(f"capacity must be a positive int, got {capacity!r}.")
-    need = iterations * per_round
+    need = start + iterations * per_round
+    if start and capacity < need:
+        raise ValueError(
+            f"capacity={capacity} cannot hold the {start} anchors of init_bank and the "
+            f"{need - start} the runs push before the last one; use capacity >= {need}."
+        )
     if capacity < need:
         if chains is None:
             raise ValueError(
@@ -107,8 +201,10 @@ def make_config(
     checkpoint_every_epochs: Any = None,
     checkpoint_keep: Any = 2,
     chains: int | None = None,
+    start_count: int = 0,
 ) -> Config:
-    """The :class:`Config` of a driver call (``chains``: ``C``, or ``None`` for one chain).
+    """The :class:`Config` of a driver call (``chains``: ``C``, or ``None`` for one chain;
+    ``start_count``: anchors already in the bank a run starts from).
 
     Raises:
       ValueError: a bad ``iterations``, ``lam``, ``mode``, ``shuffle``, ``layer_draw``,
@@ -122,7 +218,7 @@ def make_config(
             "each) or mode='population' (one bank shared by all chains, filled in rounds)."
         )
     iterations = check_positive_int("iterations", iterations, allow_zero=True)
-    lam_arr = _chain_lam(lam, chains)
+    lam_arr, schedule = lam_values(lam, chains, iterations)
     if shuffle not in SHUFFLES:
         raise ValueError(f"shuffle must be 'same' or 'per_iteration', got {shuffle!r}.")
     check_layer_draw(layer_draw)
@@ -130,7 +226,7 @@ def make_config(
         raise ValueError("batch_size and epochs need data=...; for full-batch training pass steps.")
     if data is not None and steps is not None:
         raise ValueError("pass either steps (full batch) or data with epochs, not both.")
-    cap = _capacity(capacity, iterations, chains, mode)
+    cap = _capacity(capacity, iterations, chains, mode, start_count)
     folder = checkpoint_folder(checkpoint_dir)
     every = None
     if checkpoint_every_epochs is not None:
@@ -147,6 +243,7 @@ def make_config(
         iterations=iterations,
         lam=lam_arr,
         capacity=cap,
+        lam_schedule=schedule,
         shuffle=shuffle,
         layer_draw=layer_draw,
         mode=mode,

@@ -173,8 +173,8 @@ def python_driver(
     if not isinstance(it, MiniBatch):
         step = jit(
             vec(
-                lambda c, bank, lam, mask: run.step(c, None, Penalty(bank, lam, mask)),
-                (0, bank_axis, 0, 0),
+                lambda c, bank, lam, mask, t: run.step(c, None, Penalty(bank, lam, mask), t),
+                (0, bank_axis, 0, 0, None),
             )
         )
 
@@ -182,8 +182,8 @@ def python_driver(
             _no_resume(resume, "python")
             carry = start(params0, model_state0)
             losses = []
-            for _ in range(it.steps):
-                carry, loss = step(carry, bank, lam, mask)
+            for t in range(it.steps):
+                carry, loss = step(carry, bank, lam, mask, t)
                 losses.append(loss)
             curve = jnp.stack(losses, axis=-1)[..., :: it.log_every]
             metrics = finish(carry, bank, lam, mask, curve, data)
@@ -193,10 +193,10 @@ def python_driver(
 
     step = jit(
         vec(
-            lambda c, perm, b, bank, lam, mask, data: run.step(
-                c, run.batch(data, perm, b), Penalty(bank, lam, mask)
+            lambda c, perm, b, bank, lam, mask, data, t: run.step(
+                c, run.batch(data, perm, b), Penalty(bank, lam, mask), t
             ),
-            (0, 0, None, bank_axis, 0, 0, None),
+            (0, 0, None, bank_axis, 0, 0, None, None),
         )
     )
     permute = jit(vec(run.permutation, 0))
@@ -211,7 +211,7 @@ def python_driver(
             perm = permute(ekeys[..., e])
             losses = []
             for b in range(it.num_batches):
-                carry, loss = step(carry, perm, b, bank, lam, mask, data)
+                carry, loss = step(carry, perm, b, bank, lam, mask, data, e * it.num_batches + b)
                 losses.append(loss)
             curve.append(jnp.mean(jnp.stack(losses, axis=-1), axis=-1))
         metrics = finish(carry, bank, lam, mask, jnp.stack(curve, axis=-1), data)
@@ -239,10 +239,10 @@ def chunked_driver(
     start = jit(vec(run.start, (0, 0)))
     chunk = jit(
         vec(
-            lambda c, bank, lam, mask, ekeys, data: run.epochs(
-                c, Penalty(bank, lam, mask), ekeys, data
+            lambda c, bank, lam, mask, ekeys, data, e0: run.epochs(
+                c, Penalty(bank, lam, mask), ekeys, data, e0
             ),
-            (0, bank_axis, 0, 0, 0, None),
+            (0, bank_axis, 0, 0, 0, None, None),
         )
     )
     finish = _finish(run, vec, jit, bank_axis)
@@ -257,7 +257,7 @@ def chunked_driver(
             carry, pieces, e0 = start(params0, model_state0), [], 0
         while e0 < it.epochs:
             e1 = min(e0 + every, it.epochs)
-            carry, piece = chunk(carry, bank, lam, mask, ekeys[..., e0:e1], data)
+            carry, piece = chunk(carry, bank, lam, mask, ekeys[..., e0:e1], data, e0)
             pieces.append(np.asarray(piece))
             e0 = e1
             if e0 < it.epochs and on_chunk is not None:

@@ -23,12 +23,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pnjax import algorithm
+from pnjax import algorithm, programs
 from pnjax._checks import check_driver_args, check_score_fn
-from pnjax.config import make_config
+from pnjax.anchors import AnchorBank
+from pnjax.config import (
+    capacity_setting,
+    lam_setting,
+    make_config,
+    schedule_fingerprint,
+    schedule_values,
+)
 from pnjax.drivers import choose_loop, python_loop_run, resolve_loop
 from pnjax.drivers import default_jit as _default_jit
 from pnjax.layers import layer_names
+from pnjax.loop import starting_bank
 from pnjax.results import FitResult, fit_result
 from pnjax.resume import checkpoint_scope, fingerprint, open_checkpoints, run_loop
 from pnjax.run import make_train_run
@@ -53,7 +61,7 @@ def persistent_fit(
     optimizer: optax.GradientTransformation,
     *,
     iterations: int,
-    lam: float,
+    lam: float | Sequence[float] | Callable[[Any], Any],
     steps: int | None = None,
     layers: LayerChoice = None,
     score_fn: Callable[[PyTree], jax.Array] | None = None,
@@ -74,6 +82,7 @@ def persistent_fit(
     checkpoint_every_epochs: int | None = None,
     checkpoint_keep: int = 2,
     model_state: PyTree = None,
+    init_bank: AnchorBank | None = None,
 ) -> FitResult:
     """Persistent training (Algorithm 1): a plain run, then ``iterations`` persistent runs.
 
@@ -103,10 +112,17 @@ def persistent_fit(
         takes ``value``/``grad``/``value_fn`` (``optax.lbfgs``) gets them for ``L + P``; see
         ``docs/own_loop.md``.
       iterations: N, the number of persistent runs after the plain run.
-      lam: λ >= 0.
+      lam: λ >= 0: a float; a sequence of ``iterations`` values (``λ_n`` for persistent
+        iteration ``n = 1..N``; run 0 takes ``λ_1``) or ``iterations + 1`` (``λ_0..λ_N``); or
+        a schedule ``count -> λ`` (e.g. ``optax.linear_schedule(0.0, 0.01, steps)``)
+        evaluated at every update inside the compiled run, ``count`` being the update's index
+        within the current run (restarting from 0 with every run, like the schedules of the
+        optimizer, which is re-initialized for every run). ``history['lam']`` records the λ
+        of each run's last update.
       steps: updates per run (full-batch form).
-      layers: ``None`` (full model, Eq. 4), a layer name or names, or ``'random'`` (partial
-        model, Eq. 5: one layer drawn from ``key``).
+      layers: ``None`` (full model, Eq. 4), a layer name or a set of names (a tuple or list,
+        penalized together), or ``'random'`` (partial model, Eq. 5: one layer drawn from
+        ``key``). ``history['layer_mask']`` records the penalized layers of every run.
       score_fn: ``score_fn(params) -> scalar`` (``score_fn(params, state)`` with
         ``model_state``: the state at the end of the run), lower is better (e.g. validation
         error); defaults to the loss (with the final state; the state ``loss_fn`` returns
@@ -149,6 +165,15 @@ def persistent_fit(
         variables['batch_stats']}``), or ``None`` (default: the model has none). A run counts
         as diverged also when its final state is not finite. Checkpoints keep the champion's
         state.
+      init_bank: an :class:`pnjax.AnchorBank` (e.g. an earlier result's ``bank``) to start
+        from: its anchors are in the bank from run 0 on (so run 0 is penalized too), and the
+        default capacity grows by their count.
+
+    The compiled programs are kept across calls (:mod:`pnjax.programs`): a second call with
+    the same ``loss_fn``, optimizer, ``score_fn``, ``anchor_fn`` and λ schedule *objects* and
+    the same settings and argument shapes compiles nothing, whatever its λ, key, init params
+    or data (mini-batch form). Pass the same optimizer object; sweep learning rates with
+    ``optax.inject_hyperparams``.
 
     Returns:
       A :class:`FitResult` (``champion_state`` holds the championship run's final state).
@@ -171,6 +196,7 @@ def persistent_fit(
         epochs=epochs, shuffle=shuffle, layer_draw=layer_draw, capacity=capacity,
         push_diverged=push_diverged, checkpoint_dir=checkpoint_dir,
         checkpoint_every_epochs=checkpoint_every_epochs, checkpoint_keep=checkpoint_keep,
+        start_count=0 if init_bank is None else _count(init_bank),
     )  # fmt: skip
     names = layer_names(init_params)
     masks, layer_idx = layer_schedule(names, layers, layer_draw, cfg.iterations + 1, key)
@@ -178,39 +204,66 @@ def persistent_fit(
     has_state = model_state is not None
     state0 = jax.tree_util.tree_map(jnp.asarray, model_state) if has_state else ()
     check_score_fn(score_fn, init_params, model_state)
-    run = make_train_run(loss_fn, optimizer, steps=steps, score_fn=score_fn, data=data,
-                         batch_size=batch_size, epochs=epochs, log_every=log_every,
-                         has_state=has_state)  # fmt: skip
+    settings = dict(steps=steps, data=data, batch_size=batch_size, epochs=epochs,
+                    log_every=log_every, has_state=has_state)  # fmt: skip
+    run = make_train_run(loss_fn, optimizer, score_fn=score_fn, **settings)
+    if cfg.lam_schedule is not None:
+        schedule_values(cfg.lam_schedule, run.total_steps)
     kind = resolve_loop(loop, loss_fn=loss_fn, template=init_params, data=data,
                         model_state=model_state, every=cfg.every, epochs=epochs)  # fmt: skip
+    jit = jit or _default_jit()
+
+    def build():
+        weak = programs.weak_run(loss_fn, optimizer, score_fn, cfg.lam_schedule, **settings)
+        return weak, algorithm.one_chain_programs(
+            weak, loop=kind, jit=jit, record_jit=_default_jit(), every=cfg.every,
+            anchor_fn=programs.weak_callable(anchor_fn), push_diverged=cfg.push_diverged,
+        )  # fmt: skip
+
+    users = (loss_fn, optimizer.init, optimizer.update, score_fn, anchor_fn, cfg.lam_schedule, jit)
+    static = (kind, cfg.every, cfg.push_diverged, programs.run_signature(run))
+    weak_run, pieces = programs.cached("fit", users, static, build)
+    bank0 = None
+    if init_bank is not None:
+        bank0 = starting_bank(init_bank, init_params, cfg.capacity)
     plan = algorithm.one_chain(
-        run, loop=kind, jit=jit or _default_jit(), record_jit=_default_jit(),
-        params0=init_params, model_state0=state0, lam=jnp.asarray(cfg.lam), masks=jnp.asarray(masks),
+        weak_run, pieces, params0=init_params, model_state0=state0, lam=cfg.lam, masks=masks,
         key=key, data=algorithm.device_data(data), iterations=cfg.iterations,
-        capacity=cfg.capacity, shuffle=shuffle, every=cfg.every, anchor_fn=anchor_fn,
-        push_diverged=push_diverged,
+        capacity=cfg.capacity, shuffle=shuffle, bank=bank0,
     )  # fmt: skip
     config = {
-        "driver": "persistent_fit", "iterations": cfg.iterations, "lam": float(lam),
+        "driver": "persistent_fit", "lam": lam_setting(lam),
         "steps": steps, "epochs": epochs, "batch_size": batch_size, "log_every": log_every,
         "layers": None if isinstance(layers, (jax.Array, np.ndarray)) else layers,
-        "layer_draw": layer_draw, "capacity": cfg.capacity, "shuffle": shuffle,
+        "layer_draw": layer_draw, "capacity": capacity_setting(capacity), "shuffle": shuffle,
         "push_diverged": push_diverged, "anchor_fn": anchor_fn is not None,
         "checkpoint_every_epochs": cfg.every,
     }  # fmt: skip
     checkpoints = open_checkpoints(
         cfg.folder,
         lambda: fingerprint(
-            config, init_params=init_params, key=key, data=data, layer_mask=masks,
-            model_state=model_state,
-            optimizer=optimizer, params=init_params,
+            config, init_params=init_params, key=key, data=data,
+            model_state=model_state, optimizer=optimizer, params=init_params,
+            init_bank=None if init_bank is None else {
+                "anchors": init_bank.anchors, "count": init_bank.count
+            },
+            lam_schedule=schedule_fingerprint(cfg, run.total_steps),
+            runs={"lam": cfg.lam, "layer_mask": masks},
         ),
         keep=cfg.keep, every=cfg.every, epochs=epochs, chunked=kind == "chunked", lock=cfg.lock,
+        rows=cfg.iterations + 1, capacity=cfg.capacity,
     )  # fmt: skip
     state, resumed = run_loop(
         plan.template, plan.advance, iterations=cfg.iterations, checkpoints=checkpoints,
         callback=callback, has_state=has_state, partial_like=plan.partial_like,
     )  # fmt: skip
     return fit_result(
-        state, layer=layer_idx, names=names, resumed_from=resumed, has_state=has_state
+        state, layer=layer_idx, masks=masks, names=names, resumed_from=resumed,
+        has_state=has_state,
     )
+
+
+def _count(bank: Any) -> int:
+    """How many anchors an ``init_bank`` holds (0 for a non-bank: checked later)."""
+    count = getattr(bank, "count", 0)
+    return int(np.max(np.asarray(count))) if np.size(count) else 0

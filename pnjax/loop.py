@@ -272,3 +272,39 @@ def after_round(
     return record_population(
         state, n, params, model_state, metrics, anchors, active, push_diverged=push_diverged
     )
+
+
+def starting_bank(bank: Any, params: PyTree, capacity: int, what: str = "init_bank") -> AnchorBank:
+    """A user's bank of earlier anchors, checked against ``params`` and resized (its empty
+    slots cut or zero-padded) to ``capacity`` slots, its anchors kept in order.
+
+    Raises:
+      ValueError: not an :class:`AnchorBank`, a bank shaped unlike ``params``, or one holding
+        more anchors than ``capacity``.
+    """
+    if not isinstance(bank, AnchorBank):
+        raise ValueError(
+            f"{what} must be a pnjax.AnchorBank (e.g. an earlier result's .bank), got "
+            f"{type(bank).__name__}."
+        )
+    bank.check_consistent()
+    bank.check_compatible(params, what="init_params")
+    count = int(bank.count)
+    if count > capacity:
+        raise ValueError(
+            f"{what} holds {count} anchors but the bank's capacity is {capacity}; pass "
+            f"capacity >= {count} + iterations (the default)."
+        )
+
+    def fit(x):
+        x = jnp.asarray(x)
+        if x.shape[0] >= capacity:
+            return x[:capacity]
+        pad = jnp.zeros((capacity - x.shape[0], *x.shape[1:]), x.dtype)
+        return jnp.concatenate([x, pad], axis=0)
+
+    return bank.replace(
+        anchors=jax.tree_util.tree_map(fit, bank.anchors),
+        sq_norms=fit(bank.sq_norms),
+        count=jnp.asarray(count, jnp.int32),
+    )

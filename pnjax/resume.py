@@ -30,8 +30,10 @@ from pnjax.loop import LoopState
 PyTree = Any
 #: Version of what a checkpoint holds; a checkpoint of another layout is refused.
 #: Layout 1: pnjax 0.1.0's field-by-field dictionaries (bank, champion, history lists, rng);
-#: layout 2: the whole loop state as one pytree.
-LAYOUT = 2
+#: layout 2: the whole loop state as one pytree; layout 3: with ``history['lam']``, and a
+#: fingerprint without ``iterations`` (per-run settings as one hash per run), so a finished
+#: run can be extended.
+LAYOUT = 3
 
 _SCOPE: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
     "pnjax_checkpoint_scope", default=None
@@ -91,12 +93,15 @@ def fingerprint(
     optimizer: Any = None,
     params: PyTree = None,
     shapes: dict[str, PyTree] | None = None,
+    runs: dict[str, Any] | None = None,
     **trees: PyTree,
 ) -> dict[str, Any]:
     """The configuration's fingerprint (:func:`pnjax.checkpoint.config_fingerprint`) with the
     checkpoint layout number; with ``optimizer`` (and one model's ``params``) that of
     :func:`pnjax.checkpoint.driver_fingerprint`, which also covers the optimizer's state;
-    ``shapes`` are described by structure, shapes and dtypes only."""
+    ``shapes`` are described by structure, shapes and dtypes only; ``runs`` are arrays whose
+    first axis is the run ``n`` (e.g. λ_n, the layer masks), kept as one hash per run so that a
+    run with more iterations can resume (:func:`check_same_run`)."""
     from pnjax import checkpoint as ckpt
 
     config = {"layout": LAYOUT, **config}
@@ -108,7 +113,62 @@ def fingerprint(
         out = ckpt.config_fingerprint(config, **trees)
     for name, tree in (shapes or {}).items():
         out[name] = ckpt.tree_fingerprint(tree, values=False)
+    if runs:
+        out["runs"] = {
+            name: [ckpt.tree_fingerprint(np.asarray(row))["sha256"][:16] for row in np.asarray(arr)]
+            for name, arr in runs.items()
+        }
     return out
+
+
+def check_same_run(saved: dict[str, Any] | None, current: dict[str, Any], directory: Path) -> None:
+    """Raises ``ValueError`` unless the fingerprints agree; the per-run parts need agree only
+    on the runs both have (so a run may be continued with more iterations)."""
+    from pnjax import checkpoint as ckpt
+
+    saved = dict(saved or {})
+    current = dict(current)
+    old, new = saved.pop("runs", {}) or {}, current.pop("runs", {}) or {}
+    ckpt.check_fingerprint(saved, current, directory)
+    for name in sorted(set(old) | set(new)):
+        a, b = old.get(name, []), new.get(name, [])
+        m = min(len(a), len(b))
+        bad = [n for n in range(m) if a[n] != b[n]]
+        if bad or (not a) != (not b):
+            raise ValueError(
+                f"checkpoint folder {str(directory)!r} holds a run with a different "
+                f"configuration ({name} of run {bad[0] if bad else 0} differs). Pass the same "
+                "settings to resume it, or use an empty checkpoint folder (or delete this one) "
+                "to start afresh."
+            )
+
+
+def resize(state: LoopState, rows: int, capacity: int) -> LoopState:
+    """``state`` with ``rows`` history rows (runs) and a bank of ``capacity`` slots: cut, or
+    padded with zeros (an empty history row, an empty bank slot); a leading chain axis kept."""
+    axis = np.ndim(state.done)  # 0 for one chain, 1 with a chain axis
+    bank_axis = np.ndim(state.bank.count) if state.bank != () else 0
+
+    def fit(x, ax, n):
+        x = np.asarray(jax.device_get(x)) if not isinstance(x, jax.Array) else x
+        have = x.shape[ax]
+        if have == n:
+            return x
+        if have > n:
+            return jax.lax.slice_in_dim(x, 0, n, axis=ax)
+        pad = [(0, 0)] * x.ndim
+        pad[ax] = (0, n - have)
+        return jax.numpy.pad(x, pad)
+
+    history = {k: fit(v, axis, rows) for k, v in state.history.items()}
+    finals = jax.tree_util.tree_map(lambda x: fit(x, axis, rows), state.finals)
+    bank = state.bank
+    if bank != ():
+        bank = bank.replace(
+            anchors=jax.tree_util.tree_map(lambda x: fit(x, bank_axis, capacity), bank.anchors),
+            sq_norms=fit(bank.sq_norms, bank_axis, capacity),
+        )
+    return state.replace(history=history, finals=finals, bank=bank)
 
 
 def _check_layout(saved: dict[str, Any] | None, directory: Path) -> None:
@@ -141,6 +201,8 @@ class Checkpoints:
     every: int | None = None
     chunks: int = 1
     lock: Any = None  # the folder's write lock (pnjax.checkpoint.FolderLock), held while running
+    rows: int | None = None  # runs of this call (iterations + 1): a shorter saved run grows
+    capacity: int | None = None  # the bank's capacity in this call
 
     def restore(
         self,
@@ -163,7 +225,15 @@ class Checkpoints:
 
         def like(meta: dict[str, Any]) -> PyTree:
             _check_layout(meta.get("fingerprint"), self.directory)
-            ckpt.check_fingerprint(meta.get("fingerprint"), self.fingerprint, self.directory)
+            check_same_run(meta.get("fingerprint"), self.fingerprint, self.directory)
+            done = int(meta.get("done", 0))
+            if self.rows is not None and done > self.rows:
+                raise ValueError(
+                    f"checkpoint folder {str(self.directory)!r} holds {done} finished runs "
+                    f"(iterations={done - 1}), more than iterations={self.rows - 1} asks for; "
+                    f"pass iterations >= {done - 1} (a larger value continues the run), or use an "
+                    "empty checkpoint folder to start afresh."
+                )
             tree: dict[str, Any] = {"loop": template(bool(meta.get("has_finals")))}
             if meta.get("partial_epochs"):
                 tree["partial"] = {"carry": partial_like(), "curve": np.zeros((0,), np.float32)}
@@ -173,6 +243,8 @@ class Checkpoints:
         if found is None:
             return None
         state: LoopState = found.state["loop"]
+        if self.rows is not None and self.capacity is not None:
+            state = resize(state, self.rows, self.capacity)
         had = bool(found.metadata.get("has_finals"))
         if had and not keep_finals:
             state = state.replace(finals=())
@@ -229,8 +301,11 @@ def open_checkpoints(
     epochs: int | None,
     chunked: bool,
     lock: Any = None,
+    rows: int | None = None,
+    capacity: int | None = None,
 ) -> Checkpoints | None:
-    """:class:`Checkpoints` for ``directory`` (``None`` without one)."""
+    """:class:`Checkpoints` for ``directory`` (``None`` without one); ``rows`` and ``capacity``
+    are this call's runs and bank capacity (a saved run of fewer runs is grown to them)."""
     if directory is None:
         return None
     from pnjax import checkpoint as ckpt
@@ -239,8 +314,9 @@ def open_checkpoints(
         lock = ckpt.open_checkpoint_dir(directory)
     chunks = -(-int(epochs) // int(every)) if chunked and every and epochs else 1
     return Checkpoints(
-        directory, fingerprint_fn(), keep, every if chunked else None, chunks, lock=lock
-    )
+        directory, fingerprint_fn(), keep, every if chunked else None, chunks, lock=lock,
+        rows=rows, capacity=capacity,
+    )  # fmt: skip
 
 
 def champion_upto(history: dict[str, np.ndarray], n: int) -> np.ndarray:

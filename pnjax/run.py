@@ -262,6 +262,8 @@ class TrainRun:
       score_fn: the public ``score_fn`` or ``None`` (the loss).
       has_state: whether ``score_fn`` and the public call take a model state.
       data: the training data of the public call (mini-batch form), else ``None``.
+      lam_schedule: ``None`` (λ constant within a run), or ``schedule(count) -> factor``: update
+        ``count`` (``0, 1, ...``, counted from the start of this run) uses ``λ · factor``.
     """
 
     loss: Callable[[PyTree, PyTree, PyTree], tuple[Any, PyTree]]
@@ -270,11 +272,24 @@ class TrainRun:
     score_fn: Callable[..., jax.Array] | None = None
     has_state: bool = False
     data: PyTree = None
+    lam_schedule: Callable[[Any], Any] | None = None
 
     @property
     def minibatch(self) -> bool:
         """Whether the run iterates over mini-batches of ``data``."""
         return isinstance(self.iteration, MiniBatch)
+
+    @property
+    def total_steps(self) -> int:
+        """Updates per run: ``steps``, or ``epochs · num_batches``."""
+        it = self.iteration
+        return it.steps if isinstance(it, FullBatch) else it.epochs * it.num_batches
+
+    def lam_at(self, lam: jax.Array, count: Any) -> jax.Array:
+        """λ of update ``count`` of the run: ``lam``, or ``lam · lam_schedule(count)``."""
+        if self.lam_schedule is None:
+            return lam
+        return lam * jnp.asarray(self.lam_schedule(count), jnp.float32)
 
     # the pieces ------------------------------------------------------------------------
 
@@ -282,11 +297,14 @@ class TrainRun:
         """The carry at step 0: a fresh optimizer state."""
         return TrainCarry(params0, _trained(self.optimizer, params0).init(params0), model_state0)
 
-    def step(self, carry: TrainCarry, batch: PyTree, pen: Penalty) -> tuple[TrainCarry, Any]:
-        """One update on ``L + P``; returns the new carry and the loss before the update.
+    def step(
+        self, carry: TrainCarry, batch: PyTree, pen: Penalty, count: Any = 0
+    ) -> tuple[TrainCarry, Any]:
+        """Update ``count`` on ``L + P``; returns the new carry and the loss before the update.
 
-        Integer and bool leaves of the params are not trained (zero gradient, left out of the
-        optimizer with ``optax.masked``). An optimizer whose ``update`` takes extra arguments
+        ``count`` (the update's index within the run) sets λ when λ has a schedule. Integer and
+        bool leaves of the params are not trained (zero gradient, left out of the optimizer with
+        ``optax.masked``). An optimizer whose ``update`` takes extra arguments
         (``optax.GradientTransformationExtraArgs``: ``optax.lbfgs``,
         ``optax.contrib.reduce_on_plateau``) gets ``value=L + P`` at the params, ``grad=`` the
         gradient of ``L + P`` and ``value_fn=`` ``θ ↦ L(θ) + P(θ)`` on the same batch and state.
@@ -296,7 +314,8 @@ class TrainRun:
             params, model_state, batch
         )
         grads = jax.tree_util.tree_map(_no_float0, grads, params)
-        bias = _gradient_unchecked(params, *pen)
+        lam = self.lam_at(pen.lam, count)
+        bias = _gradient_unchecked(params, pen.bank, lam, pen.mask)
         grads = jax.tree_util.tree_map(lambda g, b: g + b.astype(g.dtype), grads, bias)
         tx = _trained(self.optimizer, params)
         extra: dict[str, Any] = {}
@@ -306,9 +325,13 @@ class TrainRun:
             def objective(p: PyTree) -> jax.Array:
                 p = _unmasked(p, params)  # integer leaves, left out by optax.masked
                 value = self.loss(p, model_state, batch)[0]
-                return jnp.asarray(value, jnp.float32) + persistent_penalty(p, *pen)
+                return jnp.asarray(value, jnp.float32) + persistent_penalty(
+                    p, pen.bank, lam, pen.mask
+                )
 
-            value = jnp.asarray(loss, jnp.float32) + persistent_penalty(params, *pen)
+            value = jnp.asarray(loss, jnp.float32) + persistent_penalty(
+                params, pen.bank, lam, pen.mask
+            )
             extra = {"value": value, "grad": grads, "value_fn": objective}
         updates, opt_state = tx.update(grads, opt_state, params, **extra)
         return TrainCarry(optax.apply_updates(params, updates), opt_state, new_state), loss
@@ -328,19 +351,29 @@ class TrainRun:
         return jax.random.split(key, self.iteration.epochs)  # type: ignore[union-attr]
 
     def epochs(
-        self, carry: TrainCarry, pen: Penalty, epoch_keys: jax.Array, data: PyTree
+        self,
+        carry: TrainCarry,
+        pen: Penalty,
+        epoch_keys: jax.Array,
+        data: PyTree,
+        first_epoch: Any = 0,
     ) -> tuple[TrainCarry, jax.Array]:
-        """The epochs whose keys are given; returns the carry and each epoch's mean loss."""
+        """The epochs whose keys are given (the first one is epoch ``first_epoch`` of the run);
+        returns the carry and each epoch's mean loss."""
         nb = self.iteration.num_batches  # type: ignore[union-attr]
 
-        def epoch(c, ekey):
+        def epoch(c, xs):
+            ekey, e = xs
             perm = self.permutation(ekey)
             c, losses = jax.lax.scan(
-                lambda c2, b: self.step(c2, self.batch(data, perm, b), pen), c, jnp.arange(nb)
+                lambda c2, b: self.step(c2, self.batch(data, perm, b), pen, e * nb + b),
+                c,
+                jnp.arange(nb),
             )
             return c, jnp.mean(losses)
 
-        return jax.lax.scan(epoch, carry, epoch_keys)
+        epochs = first_epoch + jnp.arange(epoch_keys.shape[0])
+        return jax.lax.scan(epoch, carry, (epoch_keys, epochs))
 
     def scan(
         self, carry: TrainCarry, pen: Penalty, key: jax.Array, data: PyTree = None
@@ -348,8 +381,12 @@ class TrainRun:
         """Every step as one ``lax.scan``; returns the final carry and the loss curve."""
         it = self.iteration
         if isinstance(it, FullBatch):
+            counts = None if self.lam_schedule is None else jnp.arange(it.steps)
             carry, losses = jax.lax.scan(
-                lambda c, _: self.step(c, None, pen), carry, None, length=it.steps
+                lambda c, t: self.step(c, None, pen, 0 if t is None else t),
+                carry,
+                counts,
+                length=it.steps,
             )
             return carry, losses[:: it.log_every]
         return self.epochs(carry, pen, self.epoch_keys(key), data)
@@ -373,8 +410,11 @@ class TrainRun:
     def finish(
         self, carry: TrainCarry, pen: Penalty, curve: jax.Array, data: PyTree = None
     ) -> dict[str, jax.Array]:
-        """The run's metrics: ``loss`` (plain), ``score``, ``penalty`` and ``curve``."""
+        """The run's metrics: ``loss`` (plain, without the penalty), ``score``, ``penalty``
+        (with the λ of the last update), ``lam`` (that λ) and ``curve`` (the plain loss along
+        the run)."""
         params, model_state = carry.params, carry.model_state
+        lam = self.lam_at(pen.lam, self.total_steps - 1)
         loss = self.plain_loss(params, model_state, data)
         if self.score_fn is None:
             score = loss
@@ -385,7 +425,10 @@ class TrainRun:
         return {
             "loss": jnp.asarray(loss, jnp.float32),
             "score": jnp.asarray(score, jnp.float32),
-            "penalty": jnp.asarray(persistent_penalty(params, *pen), jnp.float32),
+            "penalty": jnp.asarray(
+                persistent_penalty(params, pen.bank, lam, pen.mask), jnp.float32
+            ),
+            "lam": jnp.asarray(lam, jnp.float32),
             "curve": jnp.asarray(curve, jnp.float32),
         }
 
@@ -398,6 +441,7 @@ class TrainRun:
             "loss": scalar,
             "score": scalar,
             "penalty": scalar,
+            "lam": scalar,
             "curve": jax.ShapeDtypeStruct((points,), jnp.float32),
         }
 
@@ -439,6 +483,7 @@ def make_train_run(
     epochs: int | None = None,
     log_every: int | None = None,
     has_state: bool = False,
+    lam_schedule: Callable[[Any], Any] | None = None,
 ) -> TrainRun:
     """Builds one persistent training run as a pure function (not yet jitted).
 
@@ -478,6 +523,8 @@ def make_train_run(
       log_every: record the training loss every this many steps (full batch; default
         ``max(1, steps // 200)``).
       has_state: the model carries a state, see above.
+      lam_schedule: ``schedule(count) -> factor`` (e.g. an Optax schedule): update ``count``
+        of the run (from 0, restarting with every run) penalizes with ``λ · factor``.
 
     Returns:
       The run; jit it with the bank, λ, mask and key (and ``state0``) as arguments.
@@ -493,4 +540,4 @@ def make_train_run(
         steps=steps, data=data, batch_size=batch_size, epochs=epochs, log_every=log_every
     )
     loss = internal_loss(loss_fn, has_state=has_state, minibatch=data is not None)
-    return TrainRun(loss, optimizer, iteration, score_fn, has_state, data)
+    return TrainRun(loss, optimizer, iteration, score_fn, has_state, data, lam_schedule)

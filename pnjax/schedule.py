@@ -6,7 +6,9 @@ Iteration ``n`` of a chain weights layer ``l`` of the penalty by ``m_{n,l}`` (Eq
     P_n(θ) = λ Σ_k Σ_l m_{n,l} |Θ_k^l · θ^l| / ||Θ_k^l||².
 
 A schedule is the array of masks ``[N + 1, L]`` plus, for the history, the index of the one
-penalized layer per iteration (``-1`` when the mask is not a single layer). Random layers are
+penalized layer per iteration: ``-1`` when every layer is penalized, :data:`SUBSET` (``-2``)
+when several but not all are (the drivers record the masks themselves as
+``history['layer_mask']``). Random layers are
 drawn from the chain's key folded with :data:`LAYER_KEY`, the same for one chain
 (:func:`pnjax.persistent_fit`) and for chain ``c`` of :func:`pnjax.run_chains`.
 """
@@ -23,6 +25,8 @@ from pnjax.layers import layer_mask
 #: The ``fold_in`` constant random layers are drawn with.
 LAYER_KEY = 0x1A7E
 LAYER_DRAWS = ("once", "per_iteration")
+#: ``history['layer']`` of an iteration that penalizes several layers but not all.
+SUBSET = -2
 
 
 def check_layer_draw(layer_draw: Any) -> str:
@@ -41,9 +45,11 @@ def masks_from_indices(idx: np.ndarray, num_layers: int) -> np.ndarray:
 
 
 def _index_of(mask: np.ndarray) -> int:
-    """The one selected layer of a mask, or ``-1`` (every layer, or several)."""
+    """The one selected layer of a mask, ``-1`` (every layer) or :data:`SUBSET` (several)."""
     sel = np.flatnonzero(mask)
-    return int(sel[0]) if len(sel) == 1 and len(mask) > 1 else -1
+    if len(sel) == len(mask):
+        return -1
+    return int(sel[0]) if len(sel) == 1 else SUBSET
 
 
 def layer_schedule(
@@ -94,6 +100,27 @@ def layer_schedule(
     return np.tile(mask, (n, 1)), np.full(n, _index_of(mask), np.int32)
 
 
+def _refuse_per_chain(names: tuple[str, ...], layers: Any, n: int, c: int) -> None:
+    """A ``ValueError`` pointing to ``chain_layers=`` for a ``layers=`` that reads as one
+    choice per chain (a list holding ``None``, ``'random'``, a tuple or an unknown name; an int
+    array ``[C]`` or ``[C, N + 1]``); ``layers=`` means what it means in ``persistent_fit``."""
+    fix = (
+        f"layers= is one choice for every chain, as in persistent_fit (a set of layer names "
+        f"{names} penalized together); for one choice per chain pass chain_layers=[...] (a list "
+        f"of {c} choices) or chain_layers=<int array [{c}] or [{c}, {n}]>."
+    )
+    if isinstance(layers, (list, tuple)) and not all(
+        isinstance(x, str) and x in names for x in layers
+    ):
+        raise ValueError(f"layers={layers!r} is not a set of layer names; {fix}")
+    if isinstance(layers, (np.ndarray, jax.Array)) and np.issubdtype(
+        np.asarray(layers).dtype, np.integer
+    ):
+        shape = np.shape(layers)
+        if len(shape) > 1 or (len(shape) == 1 and shape[0] != n):
+            raise ValueError(f"an integer layers array of shape {shape}; {fix}")
+
+
 def chain_schedules(
     names: tuple[str, ...],
     layers: Any,
@@ -101,32 +128,49 @@ def chain_schedules(
     n: int,
     keys: jax.Array,
     c: int,
+    chain_layers: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``C`` chains' schedules: masks ``[C, n, L]`` and indices ``[C, n]``.
 
-    ``layers`` is one choice for every chain (see :func:`layer_schedule`), a **list** of ``C``
-    choices, or an int array ``[C]`` / ``[C, n]`` of layer indices.
+    ``layers`` is one choice for every chain (see :func:`layer_schedule`). ``chain_layers``
+    instead gives one per chain: a list of ``C`` choices, or an int array ``[C]`` / ``[C, n]``
+    of layer indices.
+
+    Raises:
+      ValueError: both given; ``chain_layers`` of the wrong length; a ``layers`` that reads as
+        one choice per chain (the message names ``chain_layers=``).
     """
-    if isinstance(layers, (np.ndarray, jax.Array)) and np.issubdtype(
-        np.asarray(layers).dtype, np.integer
+    if chain_layers is None:
+        _refuse_per_chain(names, layers, n, c)
+        choices = [layers] * c
+    elif layers is not None:
+        raise ValueError(
+            "pass layers= (one choice for every chain) or chain_layers= (one per chain), not both."
+        )
+    elif isinstance(chain_layers, (np.ndarray, jax.Array)) and np.issubdtype(
+        np.asarray(chain_layers).dtype, np.integer
     ):
-        idx = np.asarray(layers, np.int32)
+        idx = np.asarray(chain_layers, np.int32)
         if idx.shape == (c,):
             idx = np.repeat(idx[:, None], n, axis=1)
         if idx.shape != (c, n) or idx.min() < -1 or idx.max() >= len(names):
             raise ValueError(
-                f"an integer layers array must have shape ({c},) or ({c}, {n}) with entries in "
-                f"-1..{len(names) - 1} (-1: every layer), got shape {idx.shape}."
+                f"an integer chain_layers array must have shape ({c},) or ({c}, {n}) with "
+                f"entries in -1..{len(names) - 1} (-1: every layer), got shape {idx.shape}."
             )
         return masks_from_indices(idx, len(names)), idx
-    if isinstance(layers, list):
-        if len(layers) != c:
+    elif isinstance(chain_layers, (list, tuple)):
+        if len(chain_layers) != c:
             raise ValueError(
-                f"layers is a list of {len(layers)} choices but there are {c} chains; a list "
-                "gives one choice per chain (use a tuple for a set of layer names)."
+                f"chain_layers has {len(chain_layers)} choices but there are {c} chains; give "
+                "one choice per chain (None, a layer name, a tuple of names, 'random')."
             )
-        choices = layers
+        choices = list(chain_layers)
     else:
-        choices = [layers] * c
+        raise ValueError(
+            f"chain_layers must be a list of {c} layer choices or an int array [{c}] / [{c}, "
+            f"{n}], got {type(chain_layers).__name__}; for one choice for every chain use "
+            "layers=."
+        )
     out = [layer_schedule(names, ch, layer_draw, n, keys[i]) for i, ch in enumerate(choices)]
     return np.stack([m for m, _ in out]), np.stack([i for _, i in out])

@@ -43,7 +43,9 @@ def test_independent_equals_persistent_fit_per_chain(inits):
     lams = np.array([0.0, 0.05, 0.2], np.float32)
     layers = [None, "Dense_1", "random"]
     kw = dict(iterations=3, steps=30, layer_draw="per_iteration")
-    res = pnjax.run_chains(inits, mse, optax.adam(1e-2), lam=lams, layers=layers, key=keys, **kw)
+    res = pnjax.run_chains(
+        inits, mse, optax.adam(1e-2), lam=lams, chain_layers=layers, key=keys, **kw
+    )
     assert isinstance(res, pnjax.ChainsResult) and res.num_chains == C
     assert res.history["curve"].shape[:2] == (C, 4)
     assert (
@@ -168,7 +170,7 @@ def test_random_restarts_best_by_score():
         ({"mode": "swarm"}, r"unknown mode 'swarm'; use mode='independent'"),
         ({"lam": [0.1, 0.2]}, r"lam has shape \(2,\), but there are 3 chains; pass a scalar"),
         ({"lam": -1.0}, "lam must be finite and >= 0"),
-        ({"layers": [None, None]}, "a list gives one choice per chain"),
+        ({"layers": [None, None]}, "for one choice per chain pass chain_layers="),
         ({"layers": "Dense_7"}, "unknown layer name"),
         ({"key": jax.random.split(jax.random.key(0), 2)}, "batch of 3 keys"),
         ({"iterations": -1}, "iterations must be an int >= 0"),

@@ -68,12 +68,13 @@ def test_run_chains_callback_anchor_fn_and_several_layers():
 
     kw = dict(iterations=2, lam=0.05, steps=20, key=jax.random.key(1), anchor_fn=halve)
     layers = [("Dense_0", "Dense_2"), None]  # a set of two layers: masks, not one index
-    res = pnjax.run_chains(INITS, loss, optax.sgd(0.05), layers=layers,
+    res = pnjax.run_chains(INITS, loss, optax.sgd(0.05), chain_layers=layers,
                            callback=lambda n, info: seen.append((n, info)), **kw)  # fmt: skip
     assert [n for n, _ in seen] == [0, 1, 2]
     assert seen[-1][1]["score"].shape == (C,)
     np.testing.assert_array_equal(seen[-1][1]["champion_iteration"], res.champion_iteration)
-    assert res.history["layer"].tolist() == [[-1] * 3, [-1] * 3]
+    assert res.history["layer"].tolist() == [[-2] * 3, [-1] * 3]  # -2: several layers
+    assert res.history["layer_mask"][0].tolist() == [[True, False, True]] * 3
     for c in range(C):
         fit = pnjax.persistent_fit(one(INITS, c), loss, optax.sgd(0.05), layers=layers[c],
                                    **(kw | {"key": jax.random.split(kw["key"], C)[c]}))  # fmt: skip

@@ -294,7 +294,12 @@ def make_splits(data: ImageData, seed: int, train_size: int | None) -> Splits:
 
 def _layer_name(res: Any, n: int) -> str:
     idx = int(res.history["layer"][n])
-    return "all" if idx < 0 else res.layer_names[idx]
+    if idx >= 0:
+        return res.layer_names[idx]
+    mask = res.history.get("layer_mask")
+    if idx == -1 or mask is None:
+        return "all"
+    return "+".join(name for name, on in zip(res.layer_names, mask[n], strict=True) if on)
 
 
 def run_method(
