@@ -147,7 +147,10 @@ def test_unknown_layer_and_mismatched_bank(linen_params):
 
 def test_layers_of_the_wrong_type(linen_params):
     bank = _bank(linen_params, [linen_params])
-    with pytest.raises(TypeError, match=r"layers must be None, a layer name.*got 7 \(int\)"):
+    with pytest.raises(TypeError, match=r"layers must be None, a layer name.*got 7.5 \(float\)"):
+        pnjax.persistent_penalty(linen_params, bank, 0.1, layers=7.5)
+    # an int is a layer index, as in the drivers: out of range is refused with the valid range
+    with pytest.raises(ValueError, match=r"layer index 7 is out of range.*0\.\.1"):
         pnjax.persistent_penalty(linen_params, bank, 0.1, layers=7)
 
 
