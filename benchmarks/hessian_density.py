@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _spectra import plot_spectra, spectrum_record  # benchmarks/_spectra.py
 
 import pnjax
 from pnjax.diagnostics import hessian_spectrum
@@ -142,22 +143,8 @@ def main() -> None:
         )
         jax.block_until_ready(spec.nodes)
         sec = time.perf_counter() - t1
-        nodes, weights = np.asarray(spec.nodes), np.asarray(spec.weights)
-        lmax = float(spec.max)
-        spectra[name] = {
-            "min": float(spec.min),
-            "max": lmax,
-            "seconds": sec,
-            "hvp_count": args.num_probes * args.order,
-            "loss": float(full_loss(params)),
-            # mass of the density above 10% and 50% of the top eigenvalue ("outliers")
-            "mass_above_0.1_max": float((weights * (nodes > 0.1 * lmax)).sum() / len(nodes)),
-            "mass_above_0.5_max": float((weights * (nodes > 0.5 * lmax)).sum() / len(nodes)),
-            "negative_mass": float((weights * (nodes < 0)).sum() / len(nodes)),
-            "nodes": nodes.round(6).tolist(),
-            "weights": weights.tolist(),
-        }
-        print(f"{name}: min {spec.min:.4g} max {lmax:.4g} ({sec:.0f}s)", flush=True)
+        spectra[name] = spectrum_record(spec, sec, float(full_loss(params)))
+        print(f"{name}: min {spec.min:.4g} max {spec.max:.4g} ({sec:.0f}s)", flush=True)
     h = res.history
     out = {
         "command": " ".join(["python", "benchmarks/hessian_density.py", *sys.argv[1:]]),
@@ -194,35 +181,8 @@ def main() -> None:
 
 
 def plot(out: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pnjax.diagnostics import HessianSpectrum
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    lo = min(s["min"] for s in out["spectra"].values())
-    hi = max(s["max"] for s in out["spectra"].values())
-    pad = 0.05 * (hi - lo)
-    grid = jnp.linspace(lo - pad, hi + pad, 1000)
-    for name, s in out["spectra"].items():
-        spec = HessianSpectrum(
-            nodes=jnp.asarray(s["nodes"]), weights=jnp.asarray(s["weights"]), steps=jnp.zeros(1)
-        )
-        dens = np.asarray(spec.density(grid, 0.01 * (hi - lo)))
-        ax.semilogy(np.asarray(grid), dens + 1e-7, label=f"{name}: max {s['max']:.3g}")
-    ax.set_xlabel("eigenvalue")
-    ax.set_ylabel("density (Gaussian kernel, σ = 1% of range)")
-    ax.set_title(
-        f"LeNet-5 Hessian density, Fashion-MNIST (SLQ); champion: iteration "
-        f"{out['champion_iteration']}",
-        fontsize=9,
-    )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    title = f"LeNet-5 Hessian density, Fashion-MNIST (SLQ); champion: iteration {out['champion_iteration']}"
+    plot_spectra(out["spectra"], title, path)
 
 
 if __name__ == "__main__":

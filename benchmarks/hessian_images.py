@@ -40,10 +40,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _spectra import plot_spectra, spectrum_record  # noqa: E402  (benchmarks/_spectra.py)
 
 import pnjax  # noqa: E402
 from pnjax.data.images import channel_stats, load_images, normalize  # noqa: E402
@@ -136,20 +137,8 @@ def main() -> None:
         )  # fmt: skip
         jax.block_until_ready(spec.nodes)
         sec = time.perf_counter() - t1
-        nodes, weights = np.asarray(spec.nodes), np.asarray(spec.weights)
-        lmax = float(spec.max)
-        spectra[name] = {
-            "min": float(spec.min),
-            "max": lmax,
-            "seconds": sec,
-            "loss": float(full_loss(params)),
-            "mass_above_0.1_max": float((weights * (nodes > 0.1 * lmax)).sum() / len(nodes)),
-            "mass_above_0.5_max": float((weights * (nodes > 0.5 * lmax)).sum() / len(nodes)),
-            "negative_mass": float((weights * (nodes < 0)).sum() / len(nodes)),
-            "nodes": nodes.round(6).tolist(),
-            "weights": weights.tolist(),
-        }
-        print(f"{name}: min {spec.min:.4g} max {lmax:.4g} ({sec:.0f}s)", flush=True)
+        spectra[name] = spectrum_record(spec, sec, float(full_loss(params)))
+        print(f"{name}: min {spec.min:.4g} max {spec.max:.4g} ({sec:.0f}s)", flush=True)
     out = {
         "command": " ".join(["python", "benchmarks/hessian_images.py", *sys.argv[1:]]),
         "experiment": cfg,
@@ -176,36 +165,12 @@ def main() -> None:
 
 
 def plot(out: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pnjax.diagnostics import HessianSpectrum
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    lo = min(s["min"] for s in out["spectra"].values())
-    hi = max(s["max"] for s in out["spectra"].values())
-    pad = 0.05 * (hi - lo)
-    grid = jnp.linspace(lo - pad, hi + pad, 1000)
-    for name, s in out["spectra"].items():
-        spec = HessianSpectrum(
-            nodes=jnp.asarray(s["nodes"]), weights=jnp.asarray(s["weights"]), steps=jnp.zeros(1)
-        )
-        dens = np.asarray(spec.density(grid, 0.01 * (hi - lo)))
-        ax.semilogy(np.asarray(grid), dens + 1e-7, label=f"{name}: max {s['max']:.3g}")
     cfg = out["experiment"]
-    ax.set_xlabel("eigenvalue")
-    ax.set_ylabel("density (Gaussian kernel, σ = 1% of range)")
-    ax.set_title(
+    title = (
         f"{cfg['model']} {cfg['mode']} on {cfg['dataset']} ({cfg['pixels']} pixels), seed "
-        f"{out['seed']}, {out['method']}; champion: iteration {out['champion_iteration']}",
-        fontsize=9,
+        f"{out['seed']}, {out['method']}; champion: iteration {out['champion_iteration']}"
     )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_spectra(out["spectra"], title, path)
 
 
 if __name__ == "__main__":
