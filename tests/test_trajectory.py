@@ -151,3 +151,20 @@ def test_loss_surface_of_a_quadratic():
     np.testing.assert_allclose(
         z[1, 2], quad_loss(jax.tree_util.tree_map(lambda a: a[-1], traj)), rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("every", [3, 4])
+def test_a_lam_schedule_is_replayed_step_by_step(every):
+    """λ·schedule(count) with count the step within the run, in record_run as in the run."""
+    schedule = lambda n: jnp.where(n < 6, 1.0, 0.0)  # noqa: E731 - the penalty stops at step 6
+    run = pnjax.make_train_run(quad_loss, optax.sgd(0.1), steps=10, lam_schedule=schedule)
+    bank = pnjax.AnchorBank.create(P0, 2).push({"w": jnp.array([1.0, 1.0, 1.0]), "b": P0["b"]})
+    mask = jnp.ones(bank.num_layers)
+    direct, _ = jax.jit(run)(P0, bank, 0.3, mask, jax.random.key(0))
+    rec = record_run(run, P0, bank, 0.3, mask, every=every)
+    np.testing.assert_allclose(rec.params["w"], direct["w"], rtol=1e-6)
+    unscheduled = record_run(
+        pnjax.make_train_run(quad_loss, optax.sgd(0.1), steps=10), P0, bank, 0.3, mask,
+        every=every,
+    )  # fmt: skip
+    assert not np.allclose(unscheduled.params["w"], direct["w"], rtol=1e-4)

@@ -67,11 +67,13 @@ def _compiled_record(
     total = _length(run)
     chunks, rest = divmod(total, every)
 
-    def advance(carry, pen, keys, data):
-        """``len(keys)`` epochs (mini-batch) or steps (full batch) from ``carry``."""
+    def advance(carry, pen, keys, data, start):
+        """``len(keys)`` epochs (mini-batch) or steps (full batch) from ``carry``, the first one
+        being epoch or step ``start`` of the run (a λ schedule reads the step count)."""
         if run.minibatch:
-            return run.epochs(carry, pen, keys, data)[0]
-        return jax.lax.scan(lambda c, _: (run.step(c, None, pen)[0], None), carry, keys)[0]
+            return run.epochs(carry, pen, keys, data, first_epoch=start)[0]
+        counts = start + jnp.arange(keys.shape[0])
+        return jax.lax.scan(lambda c, n: (run.step(c, None, pen, n)[0], None), carry, counts)[0]
 
     def program(params0, bank, lam, mask, key, state0, data):
         pen = Penalty(bank, lam, mask)
@@ -79,15 +81,16 @@ def _compiled_record(
         ekeys = run.epoch_keys(key) if run.minibatch else jnp.zeros((total,))
         first = probe(carry.params)
 
-        def body(c, k):
-            c = advance(c, pen, k, data)
+        def body(c, xs):
+            k, i = xs
+            c = advance(c, pen, k, data, i * every)
             return c, probe(c.params)
 
         body_keys = ekeys[: chunks * every].reshape((chunks, every) + ekeys.shape[1:])
-        carry, probes = jax.lax.scan(body, carry, body_keys)
+        carry, probes = jax.lax.scan(body, carry, (body_keys, jnp.arange(chunks)))
         probes = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), first, probes)
         if rest:
-            carry = advance(carry, pen, ekeys[chunks * every :], data)
+            carry = advance(carry, pen, ekeys[chunks * every :], data, chunks * every)
             last = probe(carry.params)
             probes = jax.tree_util.tree_map(
                 lambda a, b: jnp.concatenate([a, b[None]]), probes, last
