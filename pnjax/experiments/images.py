@@ -20,7 +20,7 @@ initialization. Every call checkpoints after each iteration, so a killed experim
 where it stopped when the same command is run again.
 
 Protocols (:data:`PROTOCOLS`): ``paper`` is DESIGN.md section 4 (for an accelerator); ``cpu``
-is a reduction that runs LeNet-5 in about 5 minutes per seed, setting and method on 2 CPU
+is a reduction that runs LeNet-5 in about 9 minutes per seed, setting and method on 2 CPU
 cores. See ``docs/images.md``.
 """
 
@@ -96,7 +96,7 @@ PROTOCOLS: dict[tuple[str, str, str], Protocol] = {
     ("paper", "alexnet", "partial"): Protocol(150, 19, 0.001, 128),
     ("paper", "resnet18", "full"): Protocol(350, 19, 0.01, 128, augment=True),
     ("paper", "resnet18", "partial"): Protocol(350, 19, 0.001, 128, augment=True),
-    # CPU: LeNet-5 at about 17 ms a step, 195 steps an epoch: 10 runs x 8 epochs ~ 5 minutes.
+    # CPU: 10 runs x 8 epochs of LeNet-5 (195 steps an epoch) took 9 min on 2 quiet cores.
     ("cpu", "lenet5", "full"): Protocol(8, 9, 0.01, 256, init_std=0.2),
     ("cpu", "lenet5", "partial"): Protocol(8, 9, 0.001, 256),
     # AlexNet at about 0.13 s a step: 5 runs x 3 epochs ~ 15 minutes.

@@ -28,7 +28,7 @@ def add_images_command(sub: Any, epilog: str) -> None:
         "order per run; random_anchors: random anchor directions; restarts: fresh inits), "
         "every method 1+N runs, championship by validation accuracy, judged on held-out test "
         "images. Protocol 'paper' is the paper's (for an accelerator); 'cpu' a reduction "
-        "(LeNet-5 about 5 minutes per seed and method on 2 cores). Rerun the same command to "
+        "(LeNet-5 about 9 minutes per seed and method on 2 cores). Rerun the same command to "
         "continue a killed run.",
         epilog=epilog,
     )
