@@ -56,3 +56,30 @@ def plot_spectra(spectra: dict[str, dict[str, Any]], title: str, path: Path) -> 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def spectra_of_fit(
+    full_loss: Any, res: Any, *, key: Any, num_probes: int, order: int
+) -> dict[str, dict[str, Any]]:
+    """Hessian spectra of a :class:`pnjax.FitResult`'s plain run (bank slot 0), its last
+    persistent iteration, and its championship when it is neither (when the plain run wins,
+    "plain vs champion" would compare a model with itself), as :func:`spectrum_record`\\ s."""
+    import time
+
+    import jax
+
+    from pnjax.diagnostics import hessian_spectrum
+
+    last = int(res.bank.count) - 1
+    models = [("plain", res.bank.get(0)), (f"persistent iteration {last}", res.bank.get(last))]
+    if res.champion_iteration not in (0, last):
+        models.append((f"champion (iteration {res.champion_iteration})", res.champion))
+    spectra: dict[str, dict[str, Any]] = {}
+    for name, params in models:
+        t = time.perf_counter()
+        spec = hessian_spectrum(full_loss, params, key=key, num_probes=num_probes, order=order)
+        jax.block_until_ready(spec.nodes)
+        sec = time.perf_counter() - t
+        spectra[name] = spectrum_record(spec, sec, float(full_loss(params)))
+        print(f"{name}: min {spec.min:.4g} max {spec.max:.4g} ({sec:.0f}s)", flush=True)
+    return spectra

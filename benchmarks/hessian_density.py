@@ -43,10 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _spectra import plot_spectra, spectrum_record  # benchmarks/_spectra.py
+from _spectra import plot_spectra, spectra_of_fit  # benchmarks/_spectra.py
 
 import pnjax
-from pnjax.diagnostics import hessian_spectrum
 from pnjax.models import LeNet5
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -124,27 +123,10 @@ def main() -> None:
 
         return jnp.mean(jax.lax.map(one, hb))
 
-    # The plain run, the last persistent iteration, and the championship when it is neither
-    # (when the plain run wins the championship, "plain vs champion" would compare a model with
-    # itself; the last persistent iteration is then the persistent model to compare with).
-    last = int(res.bank.count) - 1
-    models = [("plain", res.bank.get(0)), (f"persistent iteration {last}", res.bank.get(last))]
-    if res.champion_iteration not in (0, last):
-        models.append((f"champion (iteration {res.champion_iteration})", res.champion))
-    spectra: dict[str, Any] = {}
-    for name, params in models:
-        t1 = time.perf_counter()
-        spec = hessian_spectrum(
-            full_loss,
-            params,
-            key=jax.random.key(100 + args.seed),
-            num_probes=args.num_probes,
-            order=args.order,
-        )
-        jax.block_until_ready(spec.nodes)
-        sec = time.perf_counter() - t1
-        spectra[name] = spectrum_record(spec, sec, float(full_loss(params)))
-        print(f"{name}: min {spec.min:.4g} max {spec.max:.4g} ({sec:.0f}s)", flush=True)
+    spectra = spectra_of_fit(
+        full_loss, res, key=jax.random.key(100 + args.seed),
+        num_probes=args.num_probes, order=args.order,
+    )  # fmt: skip
     h = res.history
     out = {
         "command": " ".join(["python", "benchmarks/hessian_density.py", *sys.argv[1:]]),

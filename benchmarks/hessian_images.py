@@ -44,11 +44,10 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _spectra import plot_spectra, spectrum_record  # noqa: E402  (benchmarks/_spectra.py)
+from _spectra import plot_spectra, spectra_of_fit  # noqa: E402  (benchmarks/_spectra.py)
 
 import pnjax  # noqa: E402
 from pnjax.data.images import channel_stats, load_images, normalize  # noqa: E402
-from pnjax.diagnostics import hessian_spectrum  # noqa: E402
 from pnjax.experiments.images import (  # noqa: E402
     Protocol,
     make_problem,
@@ -124,21 +123,10 @@ def main() -> None:
 
         return jnp.mean(jax.lax.map(one, (xs, ys)))
 
-    last = int(res.bank.count) - 1
-    models = [("plain", res.bank.get(0)), (f"persistent iteration {last}", res.bank.get(last))]
-    if res.champion_iteration not in (0, last):
-        models.append((f"champion (iteration {res.champion_iteration})", res.champion))
-    spectra: dict[str, Any] = {}
-    for name, params in models:
-        t1 = time.perf_counter()
-        spec = hessian_spectrum(
-            full_loss, params, key=jax.random.key(100 + args.seed),
-            num_probes=args.num_probes, order=args.order,
-        )  # fmt: skip
-        jax.block_until_ready(spec.nodes)
-        sec = time.perf_counter() - t1
-        spectra[name] = spectrum_record(spec, sec, float(full_loss(params)))
-        print(f"{name}: min {spec.min:.4g} max {spec.max:.4g} ({sec:.0f}s)", flush=True)
+    spectra = spectra_of_fit(
+        full_loss, res, key=jax.random.key(100 + args.seed),
+        num_probes=args.num_probes, order=args.order,
+    )  # fmt: skip
     out = {
         "command": " ".join(["python", "benchmarks/hessian_images.py", *sys.argv[1:]]),
         "experiment": cfg,
