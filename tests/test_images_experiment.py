@@ -178,3 +178,58 @@ def test_images_command_bad_arguments_get_one_line_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["images", "--methods", "dropout", "--out", str(tmp_path)])
     assert e.value.code == 2 and "invalid choice: 'dropout'" in capsys.readouterr().err
+
+
+def _part(seeds, methods, **cfg):
+    def run(seed, method):
+        plain, champ = 0.5 + 0.01 * seed, 0.52 + 0.02 * seed + 0.01 * len(method) % 3
+        hist = [{"iteration": 0, "val_acc": plain, "test_acc": plain},
+                {"iteration": 1, "val_acc": champ, "test_acc": champ}]  # fmt: skip
+        return {"seed": seed, "method": method, "champion_iteration": 1, "history": hist}
+
+    runs = [run(s, m) for s in seeds for m in methods]
+    config = {"model": "lenet5", "mode": "full", "protocol": "cpu", "init_std": 0.2,
+              "seeds": list(seeds), "methods": list(methods), "jax": "0.10.2",
+              "backend": "cpu", **cfg}  # fmt: skip
+    return {"config": config, "runs": runs, "summary": ex.summarize(runs), "seconds": 1.0}
+
+
+def test_merge_results_equals_one_run_of_all_seeds_and_refuses_mismatches():
+    methods = ("persistent", "restarts")
+    whole = _part([0, 1, 2], methods)
+    merged = ex.merge_results([_part([2], methods), _part([0, 1], methods)])
+    assert merged["summary"] == whole["summary"]
+    assert [(r["seed"], r["method"]) for r in merged["runs"]] == [
+        (r["seed"], r["method"]) for r in whole["runs"]
+    ]
+    assert merged["config"]["seeds"] == [0, 1, 2] and merged["seconds"] == 2.0
+    assert merged["summary"]["persistent"]["gain"]["se"] is not None
+    with pytest.raises(ValueError, match=r"config 'init_std': 0.05 against 0.2"):
+        ex.merge_results([_part([0], methods), _part([1], methods, init_std=0.05)])
+    with pytest.raises(ValueError, match=r"seed 1 method 'restarts' appears in results 0 and"):
+        ex.merge_results([_part([1], methods), _part([1], ("restarts",))])
+    with pytest.raises(ValueError, match="at least one"):
+        ex.merge_results([])
+
+
+def test_images_merge_command_writes_the_table_and_errors_in_one_line(tmp_path, capsys):
+    from pnjax.cli import main
+
+    for name, seeds in (("s0", [0]), ("s1", [1])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(
+            json.dumps(_part(seeds, ("persistent",), dataset="cifar10", pixels="lossy JPEG"))
+        )
+    code = main(["images-merge", str(tmp_path / "s0"), str(tmp_path / "s1"),
+                 "--out", str(tmp_path / "all")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "over seeds [0, 1]" in out
+    got = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert got["config"]["seeds"] == [0, 1] and (tmp_path / "all" / "images.png").stat().st_size
+    code = main(["images-merge", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "nope/results.json' does not exist" in err and err.count("\n") == 1
+    (tmp_path / "s1" / "results.json").write_text("{")
+    code = main(["images-merge", str(tmp_path / "s0"), str(tmp_path / "s1"),
+                 "--out", str(tmp_path / "y")])  # fmt: skip
+    assert code == 2 and "is not valid JSON" in capsys.readouterr().err

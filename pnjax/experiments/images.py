@@ -463,6 +463,66 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# config entries that may differ between experiments merged into one table
+_MERGE_FREE = ("seeds", "methods", "jax", "backend")
+
+
+def _one_or_all(values: Any) -> Any:
+    """The value if all agree, else the sorted list of the different ones."""
+    vs = sorted(set(map(str, values)))
+    return vs[0] if len(vs) == 1 else vs
+
+
+def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One ``results.json`` from several ``pnjax images`` runs of the same setting.
+
+    Seeds (or methods) of one setting can run as separate processes or on separate machines,
+    each with its own ``--out``; this joins their ``runs`` and recomputes ``summary`` (mean and
+    standard error over all seeds, gains paired by seed). The configs must agree on everything
+    but ``seeds``, ``methods`` and the versions; a seed-method pair may appear once only.
+
+    Raises:
+      ValueError: no parts, configs that differ (named, with both values), or a seed-method
+        pair that appears twice.
+    """
+    if not parts:
+        raise ValueError("merge_results needs at least one results.json")
+    base = parts[0]["config"]
+    runs: list[dict[str, Any]] = []
+    seen: dict[tuple[int, str], int] = {}
+    for i, part in enumerate(parts):
+        cfg = part["config"]
+        for key in sorted(set(base) | set(cfg)):
+            if key not in _MERGE_FREE and base.get(key) != cfg.get(key):
+                raise ValueError(
+                    f"results {i} differs from results 0 in config {key!r}: "
+                    f"{cfg.get(key)!r} against {base.get(key)!r}; only runs of one setting "
+                    "(model, mode, protocol, data, init) can be merged"
+                )
+        for r in part["runs"]:
+            pair = (r["seed"], r["method"])
+            if pair in seen:
+                raise ValueError(
+                    f"seed {pair[0]} method {pair[1]!r} appears in results {seen[pair]} and "
+                    f"results {i}; merge each seed-method run once"
+                )
+            seen[pair] = i
+            runs.append(r)
+    runs.sort(key=lambda r: (r["seed"], list(METHODS).index(r["method"])))
+    seeds = sorted({r["seed"] for r in runs})
+    methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    return {
+        "config": {**base, "seeds": seeds, "methods": methods,
+                   "jax": _one_or_all(p["config"].get("jax") for p in parts),
+                   "backend": _one_or_all(p["config"].get("backend") for p in parts)},
+        "paper": parts[0].get("paper", {}),
+        "runs": runs,
+        "summary": summarize(runs),
+        "seconds": float(sum(p.get("seconds", 0.0) for p in parts)),
+        "merged_from": len(parts),
+    }  # fmt: skip
+
+
 def plot_images(results: dict[str, Any], path_png: str | Path) -> None:
     """The paper's Figures 7-11: validation and test error per iteration, plain run as lines.
 

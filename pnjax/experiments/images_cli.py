@@ -71,6 +71,71 @@ def add_images_command(sub: Any, epilog: str) -> None:
     )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress display")
 
+    m = sub.add_parser(
+        "images-merge",
+        help="join several `pnjax images` runs of one setting (e.g. one seed each) into one table",
+        description="Reads RUN/results.json of each RUN folder (each written by `pnjax images` "
+        "with the same model, mode, protocol and data, e.g. one seed per process), joins their "
+        "runs, recomputes the mean and standard error over all seeds, and writes "
+        "OUT/results.json and OUT/images.png.",
+        epilog=epilog,
+    )
+    m.set_defaults(handler=run_images_merge_command)
+    m.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="pnjax images --out folders")
+    m.add_argument("--out", type=_out_dir, required=True, help="folder for the merged results")
+    m.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def _print_summary(title: str, results: dict[str, Any]) -> None:
+    print(title)
+    print(f"  {'method':<16}{'plain':>16}{'champion':>16}{'gain':>16}")
+    for method, s in results["summary"].items():
+
+        def f(d: dict[str, float]) -> str:
+            se = "n/a" if d["se"] is None else f"{100 * d['se']:.2f}"
+            return f"{100 * d['mean']:.2f} ± {se}"
+
+        print(f"  {method:<16}{f(s['plain_test_acc']):>16}{f(s['champion_test_acc']):>16}"
+              f"{f(s['gain']):>16}")  # fmt: skip
+
+
+def run_images_merge_command(args: argparse.Namespace, say: Any) -> int:
+    """Runs ``pnjax images-merge``; returns the exit code."""
+    import json
+
+    from pnjax.experiments.images import merge_results, plot_images
+
+    parts = []
+    for run in args.runs:
+        path = run / "results.json"
+        if not path.is_file():
+            raise ValueError(
+                f"{str(path)!r} does not exist: RUN must be the --out folder of a `pnjax images` "
+                "run that finished at least one seed and method"
+            )
+        try:
+            parts.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{str(path)!r} is not valid JSON ({e}); rerun that experiment") from e
+        if not isinstance(parts[-1], dict) or "runs" not in parts[-1] or "config" not in parts[-1]:
+            raise ValueError(f"{str(path)!r} is not a `pnjax images` results.json")
+    merged = merge_results(parts)
+    merged["merged_paths"] = [str(r) for r in args.runs]
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = args.out / "results.json.tmp"
+    tmp.write_text(json.dumps(merged, indent=1))
+    tmp.replace(args.out / "results.json")
+    plot_images(merged, args.out / "images.png")
+    if not args.quiet:
+        cfg = merged["config"]
+        _print_summary(
+            f"{cfg['model']} {cfg['mode']}, protocol {cfg['protocol']}, {cfg['pixels']} pixels "
+            f"(test accuracy, %; mean ± s.e. over seeds {cfg['seeds']})",
+            merged,
+        )
+        print(f"  wrote {args.out / 'results.json'} and {args.out / 'images.png'}")
+    return 0
+
 
 def run_images_command(args: argparse.Namespace, say: Any) -> int:
     """Runs ``pnjax images``; returns the exit code."""
@@ -111,16 +176,10 @@ def run_images_command(args: argparse.Namespace, say: Any) -> int:
         seeds=args.seeds, methods=args.methods, out=args.out, checkpoint_dir=ckdir, say=say,
     )  # fmt: skip
     plot_images(results, args.out / "images.png")
-    print(f"{args.model} {args.mode}, protocol {args.protocol}, {data.pixels} pixels "
-          f"(test accuracy, %; mean ± s.e. over seeds {args.seeds})")  # fmt: skip
-    print(f"  {'method':<16}{'plain':>16}{'champion':>16}{'gain':>16}")
-    for method, s in results["summary"].items():
-
-        def f(d: dict[str, float]) -> str:
-            se = "n/a" if d["se"] is None else f"{100 * d['se']:.2f}"
-            return f"{100 * d['mean']:.2f} ± {se}"
-
-        print(f"  {method:<16}{f(s['plain_test_acc']):>16}{f(s['champion_test_acc']):>16}"
-              f"{f(s['gain']):>16}")  # fmt: skip
+    _print_summary(
+        f"{args.model} {args.mode}, protocol {args.protocol}, {data.pixels} pixels "
+        f"(test accuracy, %; mean ± s.e. over seeds {args.seeds})",
+        results,
+    )
     print(f"  wrote {args.out / 'results.json'} and {args.out / 'images.png'}")
     return 0
