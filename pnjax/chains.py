@@ -539,4 +539,25 @@ def prepare_chains(
         jit=jit, loop=loop, model_state=model_state, anchor_fn=anchor_fn,
         chain_layers=chain_layers, init_bank=init_bank,
     )  # fmt: skip
-    return PreparedChains(p.compiled, p.args, p.finish)
+    # the cached program reaches the user's functions weakly; what is handed out holds them
+    keep = (loss_fn, optimizer, score_fn, anchor_fn, lam, jit)
+    return PreparedChains(_Holding(p.compiled, keep), p.args, p.finish)
+
+
+class _Holding:
+    """A compiled program that keeps the user's objects it was built from alive.
+
+    ``prepare_chains(..., optax.sgd(1e-3), ...)`` with the optimizer written inline must still
+    run when called later; calls and attributes (``lower``, ``trace``, ``eval_shape``) go to
+    the program.
+    """
+
+    def __init__(self, program: Callable[..., Any], keep: tuple[Any, ...]):
+        self._program = program
+        self._keep = keep
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._program(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._program, name)

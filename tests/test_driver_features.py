@@ -114,6 +114,18 @@ def test_cache_keeps_no_loss_fn_alive():
 # ----------------------------------------------------------------------------- 2. λ over time
 
 
+def test_prepared_program_runs_after_the_inline_optimizer_and_loss_are_gone():
+    # the cache reaches user objects weakly; the prepared program must still hold them
+    from pnjax.chains import prepare_chains
+
+    want = pnjax.run_chains(INITS, loss, TX, lam=0.1, **KW)
+    prep = prepare_chains(INITS, lambda p: loss(p), optax.sgd(0.05), lam=0.1, **KW)
+    gc.collect()
+    got = prep.finish(prep.compiled(*prep.args))
+    np.testing.assert_allclose(got.history["loss"], want.history["loss"], rtol=1e-6)
+    assert prep.compiled.lower(*prep.args).compile() is not None
+
+
 def test_lam_schedule_counts_updates_within_each_run():
     tx, kw = TX, KW
     const = pnjax.persistent_fit(P0, loss, tx, lam=0.2, **kw)
