@@ -32,13 +32,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -47,8 +44,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 S1, S2 = (20, 120) if "--quick" in sys.argv else (100, 1100)
 ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-# trace events that are not ops: loop containers, end markers, thread-pool bookkeeping
-SKIP = ("ThunkExecutor", "while", "end: ", "ThreadpoolListener", "SlinkyThreadPool")
 # op kinds that are matrix products: XLA dots and YNNPACK fusions (a dot with its epilogue)
 PRODUCTS = ("dot", "ynn_fusion")
 WORKERS = (
@@ -142,25 +137,13 @@ def worker_profile(fast: bool) -> dict[str, Any]:
 
     prep, keep, per_step = _prepared(100, S2, fast, False)
     seconds = _fastest(prep)
-    tmp = tempfile.mkdtemp(prefix="pnjax_trace_")
-    try:
-        with jax.profiler.trace(tmp):
-            jax.block_until_ready(prep.compiled(*prep.args))
-        path = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)[0]
-        data = jax.profiler.ProfileData.from_file(path)
-        kinds: collections.Counter[str] = collections.Counter()
-        ops: collections.Counter[str] = collections.Counter()
-        for plane in data.planes:
-            for line in plane.lines:
-                if not line.name.startswith("tf_XLA"):
-                    continue
-                for ev in line.events:
-                    if ev.name.startswith(SKIP):
-                        continue  # containers and markers, not work
-                    kinds[ev.name.split(".")[0]] += ev.duration_ns
-                    ops[ev.name] += ev.duration_ns
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _profile import xla_op_nanoseconds  # imports JAX: only after _setup
+
+    ops = xla_op_nanoseconds(lambda: jax.block_until_ready(prep.compiled(*prep.args)))
+    kinds: collections.Counter[str] = collections.Counter()
+    for name, ns in ops.items():
+        kinds[name.split(".")[0]] += ns
     total = sum(kinds.values())
     chain_steps = 2 * S2 * 100
     return {

@@ -26,14 +26,10 @@ Writes ``benchmarks/results/step_time.json`` and ``benchmarks/results/step_time.
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
 import json
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pnjax import _compile  # noqa: E402
 from pnjax.models import AlexNet, LeNet5, ResNet18  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _profile import xla_op_nanoseconds  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("lenet5", "alexnet", "resnet18")
@@ -247,31 +246,14 @@ def summarize(samples: list[tuple[float, float]]) -> dict[str, float]:
 
 def op_profile(run: Callable[[], Any], reps: int = 3, top: int = 8) -> list[dict[str, Any]]:
     """Most expensive XLA ops of ``run`` from a ``jax.profiler`` trace (ms per call)."""
-    tmp = tempfile.mkdtemp(prefix="pnjax_trace_")
     try:
-        with jax.profiler.trace(tmp):
-            for _ in range(reps):
-                run()
-        files = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
-        if not files:
-            return []
-        data = jax.profiler.ProfileData.from_file(files[0])
-        agg: collections.Counter[str] = collections.Counter()
-        for plane in data.planes:
-            for line in plane.lines:
-                if not line.name.startswith("tf_XLA"):
-                    continue
-                for ev in line.events:
-                    if not ev.name.startswith("ThunkExecutor"):
-                        agg[ev.name] += ev.duration_ns
+        agg = xla_op_nanoseconds(run, reps)
         total = sum(agg.values())
         return [
             {"op": k, "ms": v / reps / 1e6, "share": v / total} for k, v in agg.most_common(top)
         ] + [{"op": "(all ops)", "ms": total / reps / 1e6, "share": 1.0}]
     except Exception as e:  # noqa: BLE001 - the profile is a best-effort extra
         return [{"op": f"profiler failed: {e!r}", "ms": float("nan"), "share": float("nan")}]
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def bench_case(name: str, batch: int, reps: int, with_torch: bool) -> dict[str, Any]:
