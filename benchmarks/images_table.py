@@ -28,7 +28,7 @@ import numpy as np
 def _ms(a: np.ndarray) -> str:
     a = 100 * np.asarray(a, float)
     if len(a) < 2:
-        return f"{a.mean():+.2f}" if a.size else "-"
+        return f"{a.mean():.2f}" if a.size else "-"
     return f"{a.mean():.2f} ± {a.std(ddof=1) / math.sqrt(len(a)):.2f}"
 
 
