@@ -41,3 +41,28 @@ def test_accelerator_quick_writes_every_section(tmp_path: Path) -> None:
     res = res["penalty_overhead_resnet18"]
     assert res["model"] == "resnet18" and res["penalized_step_ms"] > 0
     assert res["flat_max_rel_diff"] < 1e-3  # the comparison formulation computes the same bias
+
+
+def test_images_table_reads_a_results_json_and_pairs_by_seed(tmp_path: Path) -> None:
+    def run(seed, method, plain, champ):
+        hist = [{"test_acc": plain}, {"test_acc": champ}]
+        return {"seed": seed, "method": method, "champion_iteration": 1, "history": hist}
+
+    res = {
+        "config": {"model": "lenet5", "mode": "full", "protocol": "cpu", "init_std": 0.2,
+                   "epochs": 8, "iterations": 9, "lam": 0.01, "pixels": "lossy JPEG",
+                   "seeds": [0, 1]},  # fmt: skip
+        "paper": {"plain": [70.74, 69.94], "persistent": [71.64, 71.78]},
+        "runs": [run(0, "persistent", 0.50, 0.52), run(1, "persistent", 0.40, 0.41),
+                 run(0, "restarts", 0.50, 0.50), run(1, "restarts", 0.40, 0.43)],  # fmt: skip
+    }
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(res))
+    proc = subprocess.run([sys.executable, "benchmarks/images_table.py", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if "|" in line}
+    assert "+1.50 ± 0.50" in rows["`persistent`"]  # gains 2 and 1 points
+    assert "45.00 ± 5.00" in rows["`persistent`"]  # plain 50 and 40
+    assert "+1.84 (test)" in rows["paper (one run; val / test)"]
+    assert "+0.00 ± 2.00" in rows["vs `restarts`"]  # differences +2 and -2 points
