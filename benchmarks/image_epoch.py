@@ -8,8 +8,7 @@ the validation and test halves of the CIFAR-10 test set (the paper's seeded 5,00
 - ``pnjax``: :func:`pnjax.persistent_fit` with ``iterations=0`` (the plain run) on the uint8
   arrays of :func:`pnjax.data.load_images`. Each call compiles anew, so the epoch's training
   time is the difference of an ``E``-epoch and a 1-epoch call divided by ``E - 1``; the
-  evaluation (validation + test accuracy, compiled once, with the XLA:CPU options pnjax
-  compiles its drivers' programs with, ``pnjax._compile.jit``) is timed apart and added.
+  evaluation (validation + test accuracy, compiled once) is timed apart and added.
 - ``torch``: the same model, initialization, optimizer, batches and evaluation in a PyTorch
   script run in its own process, at its best thread count (1 or all cores, chosen by a short
   timing); every epoch is timed whole (shuffle, batches, steps, evaluation).
@@ -47,7 +46,6 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pnjax  # noqa: E402
-from pnjax import _compile  # noqa: E402
 from pnjax.data import channel_stats, load_images  # noqa: E402
 from pnjax.experiments import images as ex  # noqa: E402
 
@@ -136,7 +134,7 @@ def pnjax_side(data, seed: int, epochs: int) -> dict:
     params0, _ = prob.init(jax.random.key(seed))
     val_x, val_y = (jnp.asarray(a) for a in splits.val)
     test_x, test_y = (jnp.asarray(a) for a in splits.test)
-    acc = _compile.jit(prob.accuracy)  # compiled as the drivers compile the validation score
+    acc = jax.jit(prob.accuracy)
     train = splits.train
 
     def fit(e: int):
