@@ -32,6 +32,7 @@ Writes ``benchmarks/results/image_epoch.json``.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -232,6 +233,7 @@ def main() -> None:
         "load_average_start": load0,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "jax": jax.__version__,
+        "pnjax": importlib.metadata.version("pnjax"),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     torch_rounds: list[dict] = []
