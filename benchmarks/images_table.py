@@ -68,7 +68,7 @@ def table(results: dict[str, Any]) -> str:
         pp = paper.get("persistent", (None, None))
         lines.append(f"| paper (one run; val / test) | 1 | {pv[0]} / {pv[1]} | {pp[0]} / {pp[1]} | "
                      f"{pp[1] - pv[1]:+.2f} (test) |")  # fmt: skip
-    if "persistent" in methods:
+    if "persistent" in methods and len(methods) > 1:
         lines += ["", "| persistent champion − control champion (test, points, paired by seed) "
                   "| seeds | difference |", "|---|---|---|"]  # fmt: skip
         for m in methods:

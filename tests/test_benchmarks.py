@@ -66,3 +66,12 @@ def test_images_table_reads_a_results_json_and_pairs_by_seed(tmp_path: Path) -> 
     assert "45.00 ± 5.00" in rows["`persistent`"]  # plain 50 and 40
     assert "+1.84 (test)" in rows["paper (one run; val / test)"]
     assert "+0.00 ± 2.00" in rows["vs `restarts`"]  # differences +2 and -2 points
+
+    # persistent alone (the AlexNet row): no empty table of differences
+    res["runs"] = res["runs"][:2]
+    path.write_text(json.dumps(res))
+    proc = subprocess.run([sys.executable, "benchmarks/images_table.py", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "+1.50 ± 0.50" in proc.stdout
+    assert "control champion" not in proc.stdout
