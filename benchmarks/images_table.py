@@ -66,7 +66,8 @@ def table(results: dict[str, Any]) -> str:
     if paper:
         pv = paper.get("plain", (None, None))
         pp = paper.get("persistent", (None, None))
-        lines.append(f"| paper (one run; val / test) | 1 | {pv[0]} / {pv[1]} | {pp[0]} / {pp[1]} | "
+        lines.append(f"| paper (one run; val / test) | 1 | {pv[0]:.2f} / {pv[1]:.2f} | "
+                     f"{pp[0]:.2f} / {pp[1]:.2f} | "
                      f"{pp[1] - pv[1]:+.2f} (test) |")  # fmt: skip
     if "persistent" in methods and len(methods) > 1:
         lines += ["", "| persistent champion − control champion (test, points, paired by seed) "
